@@ -1,0 +1,377 @@
+"""Typed run configuration: dataclass sections <-> YAML, `--set a.b=c` overrides, validation before any Ray work.
+
+Every key a user can write is a field below; anything else is rejected with the closest valid name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = "tiny_cpu"
+
+
+class ConfigError(ValueError):
+    """A config problem, always naming the offending key."""
+
+
+@dataclass
+class RunSection:
+    name: str = "raydiff-tiny"
+    # Local dir, NFS path or s3:// / gs:// URI; multi-node runs need shared storage.
+    storage_path: str = "~/raydiff_runs"
+    max_failures: int = 0
+
+
+@dataclass
+class ScalingSection:
+    num_workers: int = 2
+    use_gpu: bool = False
+    # Fractional CPUs leave room for Ray Data's preprocessing tasks on small machines.
+    cpus_per_worker: float = 0.5
+    gpus_per_worker: float = 1.0
+
+
+@dataclass
+class TrainSection:
+    max_steps: int = 60
+    batch_size: int = 4  # per worker, per micro-step
+    grad_accum: int = 1
+    seed: int = 0
+    grad_clip: float = 1.0  # 0 disables clipping
+    gradient_checkpointing: bool = False
+    log_every_n_steps: int = 1
+    prefetch_batches: int = 2
+
+
+@dataclass
+class OptimSection:
+    optimizer: str = "adamw"
+    lr: float = 1e-4
+    weight_decay: float = 1e-2
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    lr_scheduler: str = "constant"  # constant (after warmup) | cosine | linear
+    warmup_steps: int = 0
+
+
+@dataclass
+class DeepSpeedSection:
+    zero_stage: int = 2
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    offload_optimizer: bool = False
+    allgather_bucket_size: int = 50_000_000
+    reduce_bucket_size: int = 50_000_000
+
+
+@dataclass
+class ObjectiveSection:
+    gamma: float = 0.1
+    # None: read from the model's scheduler config.
+    prediction_type: Optional[str] = None
+
+
+@dataclass
+class ModelSection:
+    pretrained: str = "tiny"  # hub id, local diffusers dir, or "tiny"
+    vae: Optional[str] = None  # separate VAE, e.g. madebyollin/sdxl-vae-fp16-fix
+    revision: Optional[str] = None
+    variant: Optional[str] = None
+
+
+@dataclass
+class DataSection:
+    source: Optional[str] = None  # None: the generated demo dataset
+    image_column: str = "image"
+    caption_column: str = "text"
+    resolution: int = 64
+    center_crop: bool = False
+    random_flip: bool = True
+    val_fraction: float = 0.05
+    val_max_samples: int = 16
+    on_error: str = "skip"  # skip | raise
+    demo_num_images: int = 320
+
+
+@dataclass
+class CheckpointSection:
+    every_n_steps: int = 20
+    keep: int = 2
+
+
+@dataclass
+class ValidationSection:
+    every_n_steps: int = 20
+    batch_size: int = 4
+    seed: int = 1234
+    # Fixed timesteps: every held-out sample is scored at each one, so runs with any gamma see the same loss terms.
+    timesteps: list[int] = field(default_factory=lambda: [125, 375, 625, 875])
+
+
+@dataclass
+class Config:
+    run: RunSection = field(default_factory=RunSection)
+    scaling: ScalingSection = field(default_factory=ScalingSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    objective: ObjectiveSection = field(default_factory=ObjectiveSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    validation: ValidationSection = field(default_factory=ValidationSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def get(self, dotted: str) -> Any:
+        section, key = _split_key(dotted)
+        return getattr(getattr(self, section), key)
+
+
+# ---------------------------------------------------------------- building from dicts
+
+
+def _split_key(dotted: str) -> tuple[str, str]:
+    parts = dotted.split(".")
+    if len(parts) != 2:
+        raise ConfigError(f"config key '{dotted}' must have the form section.key")
+    return parts[0], parts[1]
+
+
+def _suggest(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else f" (valid: {', '.join(sorted(choices))})"
+
+
+def _fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _unwrap_optional(tp) -> tuple[Any, bool]:
+    """Return (inner type, is_optional) for Optional[X] / X | None."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(value: Any, tp, key: str) -> Any:
+    """Coerce a YAML or command-line value to the field's declared type."""
+    inner, optional = _unwrap_optional(tp)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("null", "none", "~")):
+        if optional:
+            return None
+        raise ConfigError(f"config key '{key}' may not be null")
+    if typing.get_origin(inner) is list:
+        (item_tp,) = typing.get_args(inner)
+        if isinstance(value, str):
+            parsed = yaml.safe_load(value)
+            value = parsed if isinstance(parsed, list) else [v for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if inner is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+    if inner is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(float(value)) if float(value).is_integer() else int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+    if inner is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}") from None
+    if inner is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"config key '{key}': unsupported type {tp}")
+
+
+def _section_types(section_cls) -> dict[str, Any]:
+    return typing.get_type_hints(section_cls)
+
+
+def from_dict(raw: dict[str, Any] | None) -> Config:
+    """Build a Config from a nested dict, rejecting unknown sections and keys."""
+    cfg = Config()
+    apply_dict(cfg, raw or {})
+    return cfg
+
+
+def apply_dict(cfg: Config, raw: dict[str, Any]) -> Config:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config must be a mapping of sections, got {type(raw).__name__}")
+    sections = _fields(Config)
+    for section_name, values in raw.items():
+        if section_name not in sections:
+            raise ConfigError(f"unknown config section '{section_name}'{_suggest(section_name, list(sections))}")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section '{section_name}' must be a mapping, got {values!r}")
+        for key, value in values.items():
+            set_value(cfg, f"{section_name}.{key}", value)
+    return cfg
+
+
+def set_value(cfg: Config, dotted: str, value: Any) -> None:
+    """Set one dotted key, coercing the value (a string from --set, or a YAML value) to the field type."""
+    section_name, key = _split_key(dotted)
+    sections = _fields(Config)
+    if section_name not in sections:
+        raise ConfigError(f"unknown config section '{section_name}' in '{dotted}'{_suggest(section_name, list(sections))}")
+    section = getattr(cfg, section_name)
+    types_ = _section_types(type(section))
+    if key not in types_:
+        raise ConfigError(f"unknown config key '{dotted}'{_suggest(key, list(types_))}")
+    setattr(section, key, _coerce(value, types_[key], dotted))
+
+
+def parse_override(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise ConfigError(f"--set expects section.key=value, got '{text}'")
+    key, value = text.split("=", 1)
+    return key.strip(), value
+
+
+def resolve_config_path(name_or_path: str | None) -> Path:
+    """`None` → configs/tiny_cpu.yaml; a bare NAME → configs/NAME.yaml; anything else is a path."""
+    name_or_path = name_or_path or DEFAULT_CONFIG
+    path = Path(name_or_path).expanduser()
+    if path.suffix in (".yaml", ".yml") or os.sep in name_or_path:
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        return path
+    # The repo's configs/ (also when shipped with `ray job submit --working-dir`), then ./configs.
+    for folder in (CONFIG_DIR, Path.cwd() / "configs"):
+        candidate = folder / f"{name_or_path}.yaml"
+        if candidate.is_file():
+            return candidate
+    known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    raise ConfigError(f"no config named '{name_or_path}' in {CONFIG_DIR}{_suggest(name_or_path, known)}")
+
+
+def load_config(name_or_path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config, apply `--set` overrides in order, validate."""
+    path = resolve_config_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    try:
+        cfg = from_dict(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    for text in overrides or []:
+        set_value(cfg, *parse_override(text))
+    validate(cfg)
+    return cfg
+
+
+# ---------------------------------------------------------------- validation
+
+_CHOICES = {
+    "deepspeed.precision": ("fp32", "bf16", "fp16"),
+    "objective.prediction_type": (None, "epsilon", "v_prediction"),
+    "optim.optimizer": ("adamw", "adafactor"),
+    "optim.lr_scheduler": ("constant", "cosine", "linear"),
+    "data.on_error": ("skip", "raise"),
+}
+
+_POSITIVE = ("scaling.num_workers", "train.max_steps", "train.batch_size", "train.grad_accum", "optim.lr",
+             "data.resolution", "checkpoint.every_n_steps", "validation.every_n_steps", "validation.batch_size",
+             "train.log_every_n_steps", "checkpoint.keep", "data.val_max_samples", "data.demo_num_images")
+
+_NON_NEGATIVE = ("objective.gamma", "train.grad_clip", "optim.weight_decay", "optim.warmup_steps",
+                 "run.max_failures", "train.seed", "train.prefetch_batches", "scaling.cpus_per_worker")
+
+
+def _check(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"config key '{key}' {message}")
+
+
+def validate(cfg: Config) -> Config:
+    """Reject invalid values with a message naming the key. Runs before any Ray work."""
+    for key, choices in _CHOICES.items():
+        value = cfg.get(key)
+        _check(value in choices, key, f"must be one of {[c for c in choices if c is not None]}, got {value!r}")
+    for key in _POSITIVE:
+        _check(cfg.get(key) > 0, key, f"must be > 0, got {cfg.get(key)!r}")
+    for key in _NON_NEGATIVE:
+        _check(cfg.get(key) >= 0, key, f"must be >= 0, got {cfg.get(key)!r}")
+    _check(cfg.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", f"must be 0, 1, 2 or 3, got {cfg.deepspeed.zero_stage}")
+    _check(cfg.data.resolution % 8 == 0, "data.resolution", f"must be a multiple of 8 (the VAE factor), got {cfg.data.resolution}")
+    _check(0 < cfg.data.val_fraction < 1, "data.val_fraction", f"must be in (0, 1), got {cfg.data.val_fraction}")
+    _check(all(0 <= t < 1000 for t in cfg.validation.timesteps) and cfg.validation.timesteps,
+           "validation.timesteps", f"must be a non-empty list of timesteps in [0, 1000), got {cfg.validation.timesteps}")
+    _check(cfg.scaling.use_gpu or cfg.deepspeed.precision != "fp16", "deepspeed.precision",
+           "fp16 needs GPUs (scaling.use_gpu: true); use fp32 or bf16 on CPU")
+    _check(cfg.objective.gamma <= 1.0, "objective.gamma", f"must be <= 1 (the paper finds > 0.2 too strong), got {cfg.objective.gamma}")
+    _check(bool(cfg.run.name) and "/" not in cfg.run.name, "run.name", f"must be a non-empty name without '/', got {cfg.run.name!r}")
+    _check(bool(cfg.run.storage_path), "run.storage_path", "must be set")
+    _validate_paths(cfg)
+    return cfg
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
+
+
+def _validate_paths(cfg: Config) -> None:
+    src = cfg.data.source
+    if src is not None and not is_uri(src):
+        import glob
+
+        expanded = os.path.expanduser(src)
+        _check(os.path.exists(expanded) or bool(glob.glob(expanded)), "data.source", f"path does not exist: {src}")
+    model = cfg.model.pretrained
+    if model != "tiny" and not is_uri(model) and not os.path.isdir(os.path.expanduser(model)):
+        _check(_looks_like_hub_id(model), "model.pretrained", f"is neither 'tiny', an existing directory, nor a hub id: {model}")
+
+
+def storage_path(cfg: Config) -> str:
+    """The storage path with `~` expanded and local paths made absolute (Ray needs absolute paths)."""
+    path = cfg.run.storage_path
+    return path if is_uri(path) else os.path.abspath(os.path.expanduser(path))
+
+
+def run_dir(cfg: Config) -> str:
+    return f"{storage_path(cfg).rstrip('/')}/{cfg.run.name}"

@@ -1,0 +1,375 @@
+"""Ray Data pipeline: HF-style parquet → SDXL training rows (pixels, input_ids, input_ids_2, time_ids).
+
+Split: a row is in "val" iff crc32(image bytes) <= a cutoff; the cutoff is the largest hash that keeps at most
+``val_max_samples`` rows among those with hash < ``val_fraction``·2³². It depends only on the data (not on the
+seed or row order), so every trial of a sweep validates on the same images, and duplicates never straddle the split.
+
+Seeding: each sample's crop/flip rng is ``SeedSequence([seed, epoch, crc32(image bytes)])`` — identical on any
+worker, batch size or read order.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import glob
+import logging
+import os
+from dataclasses import dataclass, replace
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+
+from raydiff.data.transforms import (
+    ImageDecodeError,
+    apply_crop,
+    decode_image,
+    plan_crop,
+    sample_key,
+    sample_rng,
+    time_ids,
+)
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_COLUMNS = ("pixels", "input_ids", "input_ids_2", "time_ids")
+FILE_COLUMN = "_file"  # source parquet file, kept only to name bad rows in messages
+KEY_COLUMN = "_key"  # crc32 sample key (int64)
+_HASH_SPACE = 2**32
+_GLOB_CHARS = set("*?[")
+
+
+@dataclass
+class DataSpec:
+    """What to read and how to preprocess it; filled by the caller from the config."""
+
+    source: str  # local dir / file / glob of parquet, or a URI read_parquet understands (s3://...)
+    image_column: str = "image"
+    caption_column: str = "text"
+    resolution: int = 64
+    center_crop: bool = False
+    random_flip: bool = True
+    val_fraction: float = 0.05
+    val_max_samples: int = 16
+    seed: int = 0
+    on_error: str = "skip"  # skip | raise
+    batch_size: int = 32  # rows per preprocessing call
+    concurrency: int | tuple[int, int] = (1, 2)  # (min, max) preprocessing actors per split, or a fixed size
+
+    def __post_init__(self) -> None:
+        if self.on_error not in ("skip", "raise"):
+            raise ValueError(f"on_error must be 'skip' or 'raise', got {self.on_error!r}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.resolution <= 0 or self.batch_size <= 0 or self.val_max_samples < 0:
+            raise ValueError("resolution and batch_size must be > 0, val_max_samples >= 0")
+
+
+class RowError(ValueError):
+    """A row could not be turned into a training sample (raised when on_error='raise')."""
+
+
+# ---------------------------------------------------------------- reading
+
+
+def resolve_source(source: str) -> str | list[str]:
+    """Expand globs and absolutise local paths (Ray workers need not share the driver's cwd)."""
+    if "://" in source:
+        return source
+    if _GLOB_CHARS & set(source):
+        files = sorted(os.path.abspath(p) for p in glob.glob(source, recursive=True))
+        if not files:
+            raise FileNotFoundError(f"no files match {source!r}")
+        return files
+    if not os.path.exists(source):
+        raise FileNotFoundError(f"data source {source!r} does not exist")
+    return os.path.abspath(source)
+
+
+@contextlib.contextmanager
+def _parquet_reader_for(paths: str | list[str]) -> Iterator[None]:
+    """Use Ray's V1 parquet reader for local files.
+
+    Ray Data 2.60's default (V2) reader starts 32 footer-reading actors for every pass over the data, built for
+    cloud stores; for local files that costs seconds and GBs of worker RAM per epoch. V1 reads local footers
+    on the driver instead. Remote URIs keep Ray's default. The flag is restored right after the (lazy) read call.
+    """
+    ctx = ray.data.DataContext.get_current()
+    remote = any("://" in p for p in ([paths] if isinstance(paths, str) else paths))
+    if remote or not hasattr(ctx, "use_datasource_v2"):
+        yield
+        return
+    previous = ctx.use_datasource_v2
+    ctx.use_datasource_v2 = False
+    try:
+        yield
+    finally:
+        ctx.use_datasource_v2 = previous
+
+
+def read_source(spec: DataSpec) -> ray.data.Dataset:
+    """Read the parquet source, keeping the image and caption columns plus the source file name."""
+    paths = resolve_source(spec.source)
+    with _parquet_reader_for(paths):
+        ds = ray.data.read_parquet(paths, include_paths=True)
+    names = ds.schema().names
+    missing = [c for c in (spec.image_column, spec.caption_column) if c not in names]
+    if missing:
+        raise KeyError(f"column(s) {missing} not in {spec.source!r}; available: {names}")
+    # include_paths adds "path" unless the data already has one; either way it only labels rows in messages.
+    return ds.select_columns([spec.image_column, spec.caption_column, "path"]).rename_columns(
+        {"path": FILE_COLUMN}
+    )
+
+
+# ---------------------------------------------------------------- row helpers (pure)
+
+
+def image_parts(column: pa.ChunkedArray | pa.Array) -> tuple[list[bytes | None], list[str | None]]:
+    """(bytes, path) per row from an HF image struct {bytes, path}, a binary column, or a path column."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    n = len(arr)
+    if pa.types.is_struct(arr.type):
+        fields = {arr.type.field(i).name for i in range(arr.type.num_fields)}
+        data = pc.struct_field(arr, "bytes").to_pylist() if "bytes" in fields else [None] * n
+        paths = pc.struct_field(arr, "path").to_pylist() if "path" in fields else [None] * n
+        return data, paths
+    if pa.types.is_binary(arr.type) or pa.types.is_large_binary(arr.type):
+        return arr.to_pylist(), [None] * n
+    if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
+        return [None] * n, arr.to_pylist()
+    raise TypeError(f"unsupported image column type {arr.type} (want struct<bytes, path>, binary or string)")
+
+
+def row_keys(table: pa.Table, image_column: str) -> np.ndarray:
+    """crc32 sample keys (int64) of a batch; reuses the key column when an earlier stage added it."""
+    if KEY_COLUMN in table.column_names:
+        return table[KEY_COLUMN].to_numpy()
+    data, paths = image_parts(table[image_column])
+    return np.array([sample_key(d, p) for d, p in zip(data, paths)], dtype=np.int64)
+
+
+def describe_row(key: int, path: str | None, file: str | None) -> str:
+    return f"row key={key:#010x} image_path={path!r} file={file!r}"
+
+
+def load_bytes(data: bytes | None, path: str | None) -> bytes:
+    """The row's image bytes; falls back to reading ``path`` when bytes are absent and the file exists."""
+    if data:
+        return data
+    if path and os.path.isfile(path):
+        with open(path, "rb") as f:
+            return f.read()
+    raise ImageDecodeError("row has no image bytes and its path is not a readable file")
+
+
+def caption_text(value: Any) -> str:
+    """Null → "" (an unconditional sample); a list of captions → its first; anything else → str()."""
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)):
+        return caption_text(value[0]) if value else ""
+    return value if isinstance(value, str) else str(value)
+
+
+def val_cutoff(candidate_keys: list[int], max_samples: int) -> int:
+    """Largest key k such that at most ``max_samples`` candidates are <= k (-1: empty val).
+
+    Cutting between distinct keys keeps duplicate images on one side of the split.
+    """
+    keys = sorted(candidate_keys)
+    if max_samples <= 0 or not keys:
+        return -1
+    if len(keys) <= max_samples:
+        return keys[-1]
+    first_over = bisect.bisect_left(keys, keys[max_samples])
+    return keys[first_over - 1] if first_over > 0 else -1
+
+
+# ---------------------------------------------------------------- Ray stages
+
+
+def _add_keys(batch: pa.Table, *, image_column: str) -> pa.Table:
+    if KEY_COLUMN in batch.column_names:
+        return batch
+    return batch.append_column(KEY_COLUMN, pa.array(row_keys(batch, image_column), type=pa.int64()))
+
+
+def _val_candidates(batch: pa.Table, *, image_column: str, threshold: int) -> pa.Table:
+    keys = row_keys(batch, image_column)
+    return pa.table({KEY_COLUMN: pa.array(keys[keys < threshold], type=pa.int64())})
+
+
+def _select_split(batch: pa.Table, *, image_column: str, cutoff: int, val: bool) -> pa.Table:
+    batch = _add_keys(batch, image_column=image_column)
+    keys = batch[KEY_COLUMN]
+    mask = pc.less_equal(keys, cutoff) if val else pc.greater(keys, cutoff)
+    return batch.filter(mask)
+
+
+def compute_val_cutoff(spec: DataSpec) -> int:
+    """One cheap pass (crc32 only, no decode) to find the split cutoff; returns -1 when val is disabled."""
+    if spec.val_fraction <= 0 or spec.val_max_samples <= 0:
+        return -1
+    threshold = int(spec.val_fraction * _HASH_SPACE)
+    ds = read_source(spec).select_columns([spec.image_column])
+    ds = ds.map_batches(
+        _val_candidates,
+        batch_format="pyarrow",
+        fn_kwargs={"image_column": spec.image_column, "threshold": threshold},
+    )
+    keys: list[int] = []
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        if KEY_COLUMN in batch.column_names:
+            keys.extend(batch[KEY_COLUMN].to_pylist())
+    cutoff = val_cutoff(keys, spec.val_max_samples)
+    n_val = sum(k <= cutoff for k in keys)
+    logger.info("val split: %d rows of %d candidates (cap %d)", n_val, len(keys), spec.val_max_samples)
+    return cutoff
+
+
+def _max_length(tokenizer: Any) -> int:
+    # Tokenizers saved without a config report a huge sentinel; CLIP's context is 77.
+    n = getattr(tokenizer, "model_max_length", None)
+    return int(n) if isinstance(n, int) and 0 < n <= 4096 else 77
+
+
+class Preprocessor:
+    """Callable class for ``map_batches``: decode → plan/apply crop → time_ids → tokenize with both tokenizers.
+
+    ``epoch=None`` reseeds on every pass over the dataset (Ray Data's per-dataset execution counter), so a
+    dataset handed once to a trainer still gets fresh crops each epoch; an int pins the crops (exact replay).
+    """
+
+    def __init__(
+        self,
+        tokenizer_path: str,
+        *,
+        image_column: str = "image",
+        caption_column: str = "text",
+        resolution: int = 64,
+        center_crop: bool = False,
+        random_flip: bool = True,
+        seed: int = 0,
+        epoch: int | None = 0,
+        on_error: str = "skip",
+    ) -> None:
+        from transformers import CLIPTokenizer  # imported here: only actors pay for it
+
+        self.tokenizers = [
+            CLIPTokenizer.from_pretrained(tokenizer_path, subfolder=sub) for sub in ("tokenizer", "tokenizer_2")
+        ]
+        self.image_column, self.caption_column = image_column, caption_column
+        self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
+        self.seed, self.epoch, self.on_error = seed, epoch, on_error
+        self.num_skipped = 0
+
+    def _current_epoch(self) -> int:
+        if self.epoch is not None:
+            return self.epoch
+        from ray.data import DataContext
+
+        return int(getattr(DataContext.get_current(), "_execution_idx", 0))
+
+    def _sample(self, data: bytes | None, path: str | None, key: int, epoch: int):
+        img = decode_image(load_bytes(data, path))
+        w, h = img.size
+        plan = plan_crop(w, h, self.resolution, self.center_crop, self.random_flip, sample_rng(self.seed, epoch, key))
+        return apply_crop(img, plan, self.resolution), time_ids(h, w, plan, self.resolution)
+
+    def _skip_or_raise(self, what: str, err: Exception) -> None:
+        if self.on_error == "raise":
+            raise RowError(f"cannot preprocess {what}: {err}") from err
+        self.num_skipped += 1
+        logger.warning("skipping %s: %s (%d skipped by this worker)", what, err, self.num_skipped)
+
+    def _tokenize(self, captions: list[str]) -> list[np.ndarray]:
+        out = []
+        for tok in self.tokenizers:
+            n = _max_length(tok)
+            if not captions:
+                out.append(np.zeros((0, n), dtype=np.int64))
+                continue
+            ids = tok(captions, padding="max_length", max_length=n, truncation=True, return_tensors="np")
+            out.append(np.asarray(ids["input_ids"], dtype=np.int64))
+        return out
+
+    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
+        data, paths = image_parts(batch[self.image_column])
+        captions = batch[self.caption_column].to_pylist()
+        files = batch[FILE_COLUMN].to_pylist() if FILE_COLUMN in batch.column_names else [None] * len(data)
+        keys = row_keys(batch, self.image_column)
+        epoch = self._current_epoch()
+        pixels, tids, kept = [], [], []
+        for d, p, f, k, c in zip(data, paths, files, keys, captions):
+            try:
+                px, t = self._sample(d, p, int(k), epoch)
+            except (ValueError, OSError) as e:  # ImageDecodeError is a ValueError; OSError: unreadable path
+                self._skip_or_raise(describe_row(int(k), p, f), e)
+                continue
+            pixels.append(px)
+            tids.append(t)
+            kept.append(caption_text(c))
+        r = self.resolution
+        ids, ids_2 = self._tokenize(kept)
+        return {
+            "pixels": np.stack(pixels) if pixels else np.zeros((0, 3, r, r), dtype=np.uint8),
+            "input_ids": ids,
+            "input_ids_2": ids_2,
+            "time_ids": np.asarray(tids, dtype=np.float32).reshape(-1, 6),
+        }
+
+
+def _actor_pool(concurrency: int | tuple[int, int] | list[int]) -> ray.data.ActorPoolStrategy:
+    # map_batches(concurrency=...) is deprecated in Ray Data 2.60; compute=ActorPoolStrategy replaces it.
+    if isinstance(concurrency, int):
+        return ray.data.ActorPoolStrategy(size=concurrency)
+    lo, hi = concurrency
+    return ray.data.ActorPoolStrategy(min_size=lo, max_size=hi)
+
+
+def _split_dataset(spec: DataSpec, tokenizer_path: str, epoch: int | None, cutoff: int, val: bool):
+    # A fresh read per split: each gets its own DataContext, so val's preserve_order doesn't leak into train.
+    ds = read_source(spec).map_batches(
+        _select_split,
+        batch_format="pyarrow",
+        fn_kwargs={"image_column": spec.image_column, "cutoff": cutoff, "val": val},
+    )
+    return ds.map_batches(
+        Preprocessor,
+        batch_size=spec.batch_size,
+        batch_format="pyarrow",
+        compute=_actor_pool(spec.concurrency),
+        fn_constructor_args=(tokenizer_path,),
+        fn_constructor_kwargs={
+            "image_column": spec.image_column,
+            "caption_column": spec.caption_column,
+            "resolution": spec.resolution,
+            "center_crop": spec.center_crop,
+            "random_flip": spec.random_flip,
+            "seed": spec.seed,
+            "epoch": epoch,
+            "on_error": spec.on_error,
+        },
+    )
+
+
+def build_datasets(spec: DataSpec, tokenizer_path: str, epoch: int | None = 0) -> dict[str, ray.data.Dataset]:
+    """{"train", "val"} datasets with exactly the columns OUTPUT_COLUMNS.
+
+    Runs one light pass over the data now (the split cutoff); everything else is lazy. Val uses center crop,
+    no flip and preserved order, so each evaluation sees identical inputs in identical order. (Ray Train's
+    DataConfig replaces a dataset's execution options: pass ``preserve_order=True`` for "val" there too.)
+
+    ``epoch`` fixes the train crops; ``None`` reseeds on each pass (see Preprocessor). Train rows are not
+    shuffled here: shuffle at ingest (e.g. ``iter_torch_batches(local_shuffle_buffer_size=...)``).
+    """
+    cutoff = compute_val_cutoff(spec)
+    train = _split_dataset(spec, tokenizer_path, epoch, cutoff, val=False)
+    val_spec = replace(spec, center_crop=True, random_flip=False)
+    val = _split_dataset(val_spec, tokenizer_path, 0, cutoff, val=True)
+    val.context.execution_options.preserve_order = True
+    return {"train": train, "val": val}

@@ -1,0 +1,159 @@
+"""SDXL image preprocessing: decode, resize short side, crop, flip, and the matching ``time_ids``.
+
+Pure functions (no Ray) so they can be unit-tested and reused by a latent-caching step: whatever crop is
+applied to the pixels must be the crop recorded in ``time_ids`` (a known mismatch bug elsewhere recomputes it).
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import zlib
+from dataclasses import dataclass
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps
+
+Rng = Union[random.Random, np.random.Generator]
+
+# Modes whose alpha (or palette transparency) must be composited rather than dropped: dropping alpha turns
+# transparent areas into whatever colour happens to be stored under them (often black).
+_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+_HIGH_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}
+
+
+class ImageDecodeError(ValueError):
+    """Raised when image bytes cannot be decoded into a usable RGB image."""
+
+
+@dataclass(frozen=True)
+class CropPlan:
+    """Where a sample is cut from its resized image. ``crop_left`` is measured in the (possibly flipped) output."""
+
+    resized_w: int
+    resized_h: int
+    crop_top: int
+    crop_left: int
+    flipped: bool
+
+
+def _round_half_up(x: float) -> int:
+    # Python's round() is banker's rounding; half-up is easier to reason about and to test.
+    return int(np.floor(x + 0.5))
+
+
+def resized_size(orig_w: int, orig_h: int, resolution: int) -> tuple[int, int]:
+    """Scale so the short side equals ``resolution`` (up- or down-scaling), keeping the aspect ratio."""
+    if orig_w <= 0 or orig_h <= 0:
+        raise ValueError(f"invalid image size {orig_w}x{orig_h}")
+    if orig_w <= orig_h:
+        return resolution, max(resolution, _round_half_up(orig_h * resolution / orig_w))
+    return max(resolution, _round_half_up(orig_w * resolution / orig_h)), resolution
+
+
+def _randint(rng: Rng, high_inclusive: int) -> int:
+    if isinstance(rng, np.random.Generator):
+        return int(rng.integers(0, high_inclusive + 1))
+    return rng.randint(0, high_inclusive)
+
+
+def plan_crop(
+    orig_w: int, orig_h: int, resolution: int, center_crop: bool, random_flip: bool, rng: Rng
+) -> CropPlan:
+    """Resize short side → (random|center) crop of ``resolution``² → horizontal flip with p=0.5.
+
+    Draw order is fixed (top, left, flip) so a given rng state always gives the same plan.
+    """
+    rw, rh = resized_size(orig_w, orig_h, resolution)
+    if center_crop:
+        top, left = (rh - resolution) // 2, (rw - resolution) // 2
+    else:
+        top, left = _randint(rng, rh - resolution), _randint(rng, rw - resolution)
+    flipped = bool(random_flip and rng.random() < 0.5)
+    if flipped:
+        # The conditioning must describe the image the model sees, i.e. the flipped one.
+        left = rw - (left + resolution)
+    return CropPlan(resized_w=rw, resized_h=rh, crop_top=top, crop_left=left, flipped=flipped)
+
+
+def apply_crop(img: Image.Image, plan: CropPlan, resolution: int) -> np.ndarray:
+    """Execute ``plan`` on an RGB image; returns uint8 ``[3, R, R]``."""
+    resized = img.convert("RGB").resize((plan.resized_w, plan.resized_h), Image.Resampling.LANCZOS)
+    # plan.crop_left is in flipped coordinates; map it back to cut from the unflipped image.
+    left = plan.resized_w - plan.crop_left - resolution if plan.flipped else plan.crop_left
+    out = resized.crop((left, plan.crop_top, left + resolution, plan.crop_top + resolution))
+    if plan.flipped:
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return np.ascontiguousarray(np.asarray(out, dtype=np.uint8).transpose(2, 0, 1))
+
+
+def time_ids(orig_h: int, orig_w: int, plan: CropPlan, resolution: int) -> tuple[int, int, int, int, int, int]:
+    """SDXL micro-conditioning: (original_h, original_w, crop_top, crop_left, target_h, target_w)."""
+    return (orig_h, orig_w, plan.crop_top, plan.crop_left, resolution, resolution)
+
+
+def sample_key(image_bytes: bytes | None, path: str | None = None) -> int:
+    """Stable 32-bit key of a sample: crc32 of its bytes (or of its path when bytes are absent).
+
+    Rows with neither get 0xFFFFFFFF, which is never a validation candidate.
+    """
+    if image_bytes:
+        return zlib.crc32(image_bytes)
+    if path:
+        return zlib.crc32(path.encode("utf-8"))
+    return 0xFFFFFFFF
+
+
+def sample_rng(seed: int, epoch: int, key: int) -> np.random.Generator:
+    """Per-sample generator: the same (seed, epoch, sample) gives the same crop on any worker, in any order."""
+    return np.random.default_rng(np.random.SeedSequence([int(seed), int(epoch), int(key)]))
+
+
+def _composite_on_white(img: Image.Image) -> Image.Image:
+    rgba = img.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def _high_bit_to_rgb(img: Image.Image) -> Image.Image:
+    # PIL's convert("RGB") clips 16/32-bit values at 255, turning most of a 16-bit image white; rescale instead.
+    arr = np.asarray(img).astype(np.float64)
+    if img.mode == "F":
+        scale = 255.0 if arr.size and arr.max() <= 1.0 else 1.0
+    elif img.mode == "I" and (arr.size == 0 or arr.max() <= 255):
+        scale = 1.0  # already 8-bit range stored in a 32-bit container
+    else:
+        scale = 255.0 / 65535.0
+    gray = np.clip(arr * scale + 0.5, 0, 255).astype(np.uint8)
+    return Image.fromarray(gray, mode="L").convert("RGB")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB, compositing transparency on white and rescaling high-bit-depth greys."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in _ALPHA_MODES or (img.mode == "P" and "transparency" in img.info):
+        return _composite_on_white(img)
+    if img.mode in _HIGH_BIT_MODES:
+        return _high_bit_to_rgb(img)
+    return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, ...
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Decode image bytes to an upright RGB image; raises ImageDecodeError with the reason on failure."""
+    if not data:
+        raise ImageDecodeError("empty image bytes")
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()  # force the full decode here so truncated files fail now, not mid-resize
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+        raise ImageDecodeError(f"cannot decode image ({len(data)} bytes): {type(e).__name__}: {e}") from e
+    try:
+        img = ImageOps.exif_transpose(img) or img
+    except Exception:
+        pass  # broken EXIF should not cost us an otherwise valid image; keep it unrotated
+    try:
+        return to_rgb(img)
+    except Exception as e:
+        raise ImageDecodeError(f"cannot convert image mode {img.mode!r} to RGB: {e}") from e

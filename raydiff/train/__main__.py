@@ -1,0 +1,5 @@
+import sys
+
+from raydiff.train.driver import main
+
+sys.exit(main())

@@ -1,0 +1,79 @@
+"""DeepSpeed config, optimizer and LR schedule built from the run config."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from raydiff.config import Config
+
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict:
+    ds = cfg.deepspeed
+    zero: dict = {
+        "stage": ds.zero_stage,
+        "overlap_comm": cfg.scaling.use_gpu,
+        "contiguous_gradients": True,
+        "allgather_bucket_size": ds.allgather_bucket_size,
+        "reduce_bucket_size": ds.reduce_bucket_size,
+    }
+    if ds.zero_stage == 3:
+        # Without this, save_16bit_model writes nothing under ZeRO-3.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if ds.offload_optimizer and ds.zero_stage > 0:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.scaling.use_gpu}
+    config = {
+        "train_micro_batch_size_per_gpu": cfg.train.batch_size,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "train_batch_size": cfg.train.batch_size * cfg.train.grad_accum * world_size,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,  # our own logging reports progress
+        "wall_clock_breakdown": False,
+    }
+    if cfg.train.grad_clip > 0:
+        config["gradient_clipping"] = cfg.train.grad_clip
+    if ds.precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    elif ds.precision == "fp16":
+        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+    return config
+
+
+def build_optimizer(params, cfg: Config) -> torch.optim.Optimizer:
+    opt = cfg.optim
+    params = [p for p in params if p.requires_grad]
+    if opt.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        # The published IP recipe: a fixed lr, no relative step, no parameter scaling.
+        return Adafactor(params, lr=opt.lr, weight_decay=opt.weight_decay, scale_parameter=False,
+                         relative_step=False, warmup_init=False)
+    fused = cfg.scaling.use_gpu and torch.cuda.is_available()
+    return torch.optim.AdamW(params, lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps,
+                             weight_decay=opt.weight_decay, fused=fused)
+
+
+class LRSchedule:
+    """Linear warm-up, then constant, cosine or linear decay to 0 at max_steps (a picklable LambdaLR factor)."""
+
+    def __init__(self, kind: str, warmup_steps: int, max_steps: int):
+        self.kind, self.warmup_steps, self.max_steps = kind, warmup_steps, max_steps
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.max_steps - self.warmup_steps))
+        if self.kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0 - progress
+
+
+def build_lr_scheduler(optimizer, cfg: Config) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, LRSchedule(cfg.optim.lr_scheduler, cfg.optim.warmup_steps, cfg.train.max_steps))

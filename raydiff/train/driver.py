@@ -1,0 +1,138 @@
+"""The Ray driver: validate, prepare the run directory, build the Ray Data pipeline and the TorchTrainer, fit, report.
+
+`python -m raydiff.train [--config NAME|PATH] [--set section.key=value ...]`
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+
+import ray
+import ray.data
+import ray.train
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from raydiff import models, storage
+from raydiff.config import Config, ConfigError, load_config, run_dir, storage_path
+from raydiff.train.loop import train_loop_per_worker
+
+
+@dataclass
+class RunOutputs:
+    run_dir: str
+    model_dir: str
+    metrics_path: str
+    checkpoint_path: str | None
+    metrics: dict
+
+
+def init_ray(cfg: Config) -> None:
+    """Join the cluster we run in (ray job submit sets RAY_ADDRESS), else start a local Ray sized for the run."""
+    # Ray Data's progress bars would bury the training progress lines in the driver log.
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+        return
+    # Training workers hold fractional CPUs; make sure Ray Data's preprocessing still gets whole CPUs on a laptop.
+    needed = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 2
+    ray.init(num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)), include_dashboard=False)
+
+
+def data_spec(cfg: Config):
+    from raydiff.data.demo import ensure_demo_dataset
+    from raydiff.data.pipeline import DataSpec
+
+    source = cfg.data.source or ensure_demo_dataset(models.default_cache_dir(), num_images=cfg.data.demo_num_images)
+    d = cfg.data
+    return DataSpec(source=source, image_column=d.image_column, caption_column=d.caption_column,
+                    resolution=d.resolution, center_crop=d.center_crop, random_flip=d.random_flip,
+                    val_fraction=d.val_fraction, val_max_samples=d.val_max_samples, seed=cfg.train.seed,
+                    on_error=d.on_error)
+
+
+def _ordered():
+    """Validation batches in a fixed order: each batch's fixed noise is keyed by its index."""
+    from ray.data import ExecutionOptions
+
+    return ExecutionOptions(preserve_order=True)
+
+
+def build_trainer(cfg: Config, callbacks: list | None = None) -> TorchTrainer:
+    """A TorchTrainer for one run; `run.name` + `run.storage_path` identify it, so relaunching resumes it."""
+    from raydiff.data.pipeline import build_datasets
+
+    # epoch=None: crops and flips are reseeded on each pass over the data, so epochs differ.
+    datasets = build_datasets(data_spec(cfg), tokenizer_path=models.resolve_pretrained(cfg.model.pretrained), epoch=None)
+    s = cfg.scaling
+    resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "run_dir": run_dir(cfg)},
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=cfg.run.name,
+            storage_path=storage_path(cfg),
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+            callbacks=callbacks,
+        ),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"], execution_options={"val": _ordered()}),
+    )
+
+
+def prepare_run_dir(cfg: Config) -> str:
+    """Create the run directory and record the resolved config next to Ray's checkpoints."""
+    path = run_dir(cfg)
+    storage.makedirs(path)
+    storage.write_text(storage.join(path, "config.yaml"), cfg.to_yaml())
+    return path
+
+
+def run_training(cfg: Config, callbacks: list | None = None) -> RunOutputs:
+    init_ray(cfg)
+    models.resolve_pretrained(cfg.model.pretrained)  # build/cache the tiny model once, before workers race for it
+    path = prepare_run_dir(cfg)
+    result = build_trainer(cfg, callbacks).fit()
+    return RunOutputs(run_dir=path, model_dir=storage.join(path, "final"),
+                      metrics_path=storage.join(path, "metrics.jsonl"),
+                      checkpoint_path=result.checkpoint.path if result.checkpoint else None,
+                      metrics=result.metrics or {})
+
+
+def parse_args(argv: list[str] | None, prog: str, description: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", default=None, help="config NAME (configs/NAME.yaml) or PATH; default tiny_cpu")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config key; repeatable")
+    return parser.parse_args(argv)
+
+
+def load_cli_config(argv: list[str] | None, prog: str, description: str) -> Config:
+    args = parse_args(argv, prog, description)
+    try:
+        return load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"{prog}: config error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = load_cli_config(argv, "python -m raydiff.train", "Train SDXL with input perturbation on Ray + DeepSpeed.")
+    out = run_training(cfg)
+    m = out.metrics
+    print("\n[raydiff] run finished"
+          f"\n  steps:       {m.get('step')}"
+          f"\n  val_loss:    {m.get('val_loss')}"
+          f"\n  model:       {out.model_dir}"
+          f"\n  metrics:     {out.metrics_path}"
+          f"\n  checkpoint:  {out.checkpoint_path}"
+          f"\n  config:      {storage.join(out.run_dir, 'config.yaml')}", flush=True)
+    return 0

@@ -1,0 +1,105 @@
+"""Config: YAML round trip, --set coercion, and every rejection names its key."""
+
+import pytest
+import yaml
+
+from raydiff import config as C
+from raydiff.train.driver import load_cli_config
+
+
+def test_default_config_is_tiny_cpu_and_valid():
+    cfg = C.load_config()
+    assert cfg.model.pretrained == "tiny"
+    assert cfg.scaling.use_gpu is False and cfg.deepspeed.zero_stage == 2
+
+
+def test_yaml_round_trip_preserves_every_field(tmp_path):
+    cfg = C.load_config(None, ["objective.gamma=0.15", "validation.timesteps=[10, 20]", "model.vae=some/vae"])
+    path = tmp_path / "rt.yaml"
+    path.write_text(cfg.to_yaml())
+    again = C.load_config(str(path))
+    assert again == cfg
+    assert again.validation.timesteps == [10, 20] and again.model.vae == "some/vae"
+
+
+def test_set_coerces_to_field_types():
+    cfg = C.load_config(None, ["train.max_steps=7", "optim.lr=3e-5", "scaling.use_gpu=false",
+                               "train.gradient_checkpointing=yes", "objective.prediction_type=v_prediction",
+                               "model.vae=null"])
+    assert cfg.train.max_steps == 7 and isinstance(cfg.train.max_steps, int)
+    assert cfg.optim.lr == pytest.approx(3e-5)
+    assert cfg.train.gradient_checkpointing is True
+    assert cfg.objective.prediction_type == "v_prediction" and cfg.model.vae is None
+
+
+def test_named_configs_resolve_from_configs_dir():
+    for name in ("tiny_cpu", "sdxl_pokemon_blip_ip", "sdxl_pokemon_blip_ip_zero3"):
+        path = C.resolve_config_path(name)
+        raw = yaml.safe_load(path.read_text())
+        C.from_dict(raw)  # every key in the shipped configs is a real key
+
+
+def test_gpu_recipe_matches_published_ip_settings():
+    cfg = C.from_dict(yaml.safe_load(C.resolve_config_path("sdxl_pokemon_blip_ip").read_text()))
+    assert cfg.objective.gamma == 0.1 and cfg.deepspeed.precision == "bf16"
+    assert (cfg.train.batch_size, cfg.train.grad_accum) == (1, 4)
+    assert cfg.optim.lr == 1e-5 and cfg.optim.weight_decay == 1e-2 and cfg.train.grad_clip == 1.0
+    assert cfg.data.resolution == 1024 and cfg.scaling.use_gpu and cfg.train.gradient_checkpointing
+    assert "fp16-fix" in cfg.model.vae
+    z3 = C.from_dict(yaml.safe_load(C.resolve_config_path("sdxl_pokemon_blip_ip_zero3").read_text()))
+    assert z3.deepspeed.zero_stage == 3 and cfg.deepspeed.zero_stage == 2
+
+
+@pytest.mark.parametrize("override, key", [
+    ("deepspeed.zero_stage=5", "deepspeed.zero_stage"),
+    ("objective.gamma=-0.1", "objective.gamma"),
+    ("train.batch_size=0", "train.batch_size"),
+    ("data.source=/no/such/dataset", "data.source"),
+    ("deepspeed.precision=fp8", "deepspeed.precision"),
+    ("train.max_steps=ten", "train.max_steps"),
+    ("scaling.use_gpu=maybe", "scaling.use_gpu"),
+    ("deepspeed.precision=fp16", "deepspeed.precision"),  # fp16 on CPU
+    ("model.pretrained=/no/such/model", "model.pretrained"),
+    ("data.resolution=60", "data.resolution"),
+])
+def test_invalid_values_name_the_key(override, key):
+    with pytest.raises(C.ConfigError, match=key.replace(".", r"\.")):
+        C.load_config(None, [override])
+
+
+def test_unknown_key_suggests_close_match():
+    with pytest.raises(C.ConfigError, match=r"objective\.gama.*did you mean 'gamma'"):
+        C.load_config(None, ["objective.gama=0.1"])
+    with pytest.raises(C.ConfigError, match=r"unknown config section 'optimizer'.*did you mean 'optim'"):
+        C.load_config(None, ["optimizer.lr=1"])
+
+
+def test_unknown_key_in_yaml_names_file_and_key(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  max_step: 3\n")
+    with pytest.raises(C.ConfigError, match=r"bad\.yaml.*train\.max_step.*did you mean 'max_steps'"):
+        C.load_config(str(path))
+
+
+def test_missing_config_name_and_file():
+    with pytest.raises(C.ConfigError, match="tiny_cpuu.*did you mean 'tiny_cpu'"):
+        C.resolve_config_path("tiny_cpuu")
+    with pytest.raises(C.ConfigError, match="not found"):
+        C.resolve_config_path("/nope/x.yaml")
+
+
+def test_cli_exits_2_with_message_before_ray(capsys):
+    import ray
+
+    with pytest.raises(SystemExit) as exc:
+        load_cli_config(["--set", "deepspeed.zero_stage=5"], "prog", "d")
+    assert exc.value.code == 2
+    assert "deepspeed.zero_stage" in capsys.readouterr().err
+    assert not ray.is_initialized()
+
+
+def test_run_dir_expands_home_and_keeps_uris():
+    cfg = C.load_config(None, ["run.storage_path=~/runs", "run.name=abc"])
+    assert C.run_dir(cfg).endswith("/runs/abc") and "~" not in C.run_dir(cfg)
+    cfg.run.storage_path = "s3://bucket/prefix"
+    assert C.run_dir(cfg) == "s3://bucket/prefix/abc"
