@@ -49,7 +49,10 @@ class TrainSection:
     seed: int = 0
     grad_clip: float = 1.0  # 0 disables clipping
     gradient_checkpointing: bool = False
-    log_every_n_steps: int = 1
+    log_every_n_steps: int = 1  # metrics.jsonl + progress line (rank 0, cheap)
+    # ray.train.report is a barrier that waits for the controller (~0.1-2 s); validation and checkpoint steps
+    # always report, this adds reports in between (what Tune schedulers see).
+    report_every_n_steps: int = 10
     prefetch_batches: int = 2
 
 
@@ -312,7 +315,7 @@ _CHOICES = {
 
 _POSITIVE = ("scaling.num_workers", "train.max_steps", "train.batch_size", "train.grad_accum", "optim.lr",
              "data.resolution", "checkpoint.every_n_steps", "validation.every_n_steps", "validation.batch_size",
-             "train.log_every_n_steps", "checkpoint.keep", "data.val_max_samples", "data.demo_num_images")
+             "train.log_every_n_steps", "train.report_every_n_steps", "checkpoint.keep", "data.val_max_samples", "data.demo_num_images")
 
 _NON_NEGATIVE = ("objective.gamma", "train.grad_clip", "optim.weight_decay", "optim.warmup_steps",
                  "run.max_failures", "train.seed", "train.prefetch_batches", "scaling.cpus_per_worker")

@@ -34,6 +34,11 @@ def init_ray(cfg: Config) -> None:
     """Join the cluster we run in (ray job submit sets RAY_ADDRESS), else start a local Ray sized for the run."""
     # Ray Data's progress bars would bury the training progress lines in the driver log.
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    # The controller drains each worker's one-slot report queue at this interval (default 2 s), which bounds how
+    # fast ray.train.report returns; Ray propagates this variable from the driver to the controller.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    # Ray Train also routes worker prints through its logger, which shows every progress line twice.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     ray.data.DataContext.get_current().enable_progress_bars = False
     if ray.is_initialized():
         return

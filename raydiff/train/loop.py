@@ -213,7 +213,8 @@ class Worker:
                 is_last = step >= cfg.train.max_steps
                 do_val = step % cfg.validation.every_n_steps == 0 or is_last
                 do_ckpt = step % cfg.checkpoint.every_n_steps == 0 or is_last
-                if not (step % cfg.train.log_every_n_steps == 0 or do_val or do_ckpt):
+                do_report = step % cfg.train.report_every_n_steps == 0 or do_val or do_ckpt
+                if not (step % cfg.train.log_every_n_steps == 0 or do_report):
                     continue
                 metrics = self.step_metrics(loss_sum / max(loss_count, 1), window_start, window_steps, global_batch)
                 loss_sum, loss_count = torch.zeros((), device=self.device), 0
@@ -223,7 +224,8 @@ class Worker:
                 if log is not None:
                     log.append(metrics)
                     self.print_progress(metrics, last_val, run_start, start_step)
-                self.report(metrics, with_checkpoint=do_ckpt)
+                if do_report:
+                    self.report(metrics, with_checkpoint=do_ckpt)
                 if is_last:
                     break
             self.state.epoch += 1
