@@ -198,8 +198,10 @@ class Worker:
                 log.append(baseline)
             ray.train.report(baseline)
         while self.state.step < cfg.train.max_steps:
+            micro_in_epoch = 0
             for batch in shard.iter_torch_batches(batch_size=cfg.train.batch_size, drop_last=True,
                                                   prefetch_batches=cfg.train.prefetch_batches):
+                micro_in_epoch += 1
                 loss_sum += self.train_micro_step(batch, micro)
                 loss_count += 1
                 micro += 1
@@ -218,7 +220,6 @@ class Worker:
                     continue
                 metrics = self.step_metrics(loss_sum / max(loss_count, 1), window_start, window_steps, global_batch)
                 loss_sum, loss_count = torch.zeros((), device=self.device), 0
-                window_start, window_steps = time.perf_counter(), 0
                 if do_val:
                     last_val = metrics["val_loss"] = self.validate()
                 if log is not None:
@@ -226,8 +227,14 @@ class Worker:
                     self.print_progress(metrics, last_val, run_start, start_step)
                 if do_report:
                     self.report(metrics, with_checkpoint=do_ckpt)
+                # samples_per_s measures training only, not validation or checkpoint time.
+                window_start, window_steps = time.perf_counter(), 0
                 if is_last:
                     break
+            else:
+                if micro_in_epoch == 0:
+                    raise RuntimeError(f"worker {self.rank} got no training batch in epoch {self.state.epoch}: the "
+                                       f"training split is smaller than train.batch_size x scaling.num_workers")
             self.state.epoch += 1
 
     def step_metrics(self, mean_loss: torch.Tensor, window_start: float, window_steps: int, global_batch: int) -> dict:
