@@ -54,6 +54,8 @@ class TrainSection:
     # always report, this adds reports in between (what Tune schedulers see).
     report_every_n_steps: int = 10
     prefetch_batches: int = 2
+    # EMA of the UNet weights (decay per optimizer step); None: off. The export then holds the EMA weights.
+    ema_decay: Optional[float] = None
 
 
 @dataclass
@@ -80,8 +82,13 @@ class DeepSpeedSection:
 @dataclass
 class ObjectiveSection:
     gamma: float = 0.1
+    gamma_schedule: str = "constant"  # constant | linear_decay | random_strength
+    gamma_decay_steps: int = 0  # linear_decay: gamma reaches 0 at this step (0: train.max_steps)
+    gamma_per_sample: bool = False  # random_strength: one u ~ U(0, gamma) per sample instead of per batch
     # None: read from the model's scheduler config.
     prediction_type: Optional[str] = None
+    noise_offset: float = 0.0  # offset noise, built into eps (input and target)
+    snr_gamma: Optional[float] = None  # min-SNR-gamma loss weighting; None: off
 
 
 @dataclass
@@ -104,6 +111,7 @@ class DataSection:
     val_max_samples: int = 16
     on_error: str = "skip"  # skip | raise
     demo_num_images: int = 320
+    caption_dropout: float = 0.0  # probability of training on the empty prompt (for classifier-free guidance)
 
 
 @dataclass
@@ -119,6 +127,11 @@ class ValidationSection:
     seed: int = 1234
     # Fixed timesteps: every held-out sample is scored at each one, so runs with any gamma see the same loss terms.
     timesteps: list[int] = field(default_factory=lambda: [125, 375, 625, 875])
+    # Exposure bias: a DDIM chain of this many steps on the held-out latents (0: off).
+    sample_steps: int = 10
+    eps_scale: float = 1.0  # Epsilon Scaling lambda used by the exposure-bias chain and the sample images
+    prompts: list[str] = field(default_factory=list)  # rendered into <run>/samples/step_XXXXXX.png; [] = none
+    image_steps: int = 20  # sampler steps for those images
 
 
 @dataclass
@@ -311,6 +324,7 @@ _CHOICES = {
     "optim.optimizer": ("adamw", "adafactor"),
     "optim.lr_scheduler": ("constant", "cosine", "linear"),
     "data.on_error": ("skip", "raise"),
+    "objective.gamma_schedule": ("constant", "linear_decay", "random_strength"),
 }
 
 _POSITIVE = ("scaling.num_workers", "train.max_steps", "train.batch_size", "train.grad_accum", "optim.lr",
@@ -318,7 +332,8 @@ _POSITIVE = ("scaling.num_workers", "train.max_steps", "train.batch_size", "trai
              "train.log_every_n_steps", "train.report_every_n_steps", "checkpoint.keep", "data.val_max_samples", "data.demo_num_images")
 
 _NON_NEGATIVE = ("objective.gamma", "train.grad_clip", "optim.weight_decay", "optim.warmup_steps",
-                 "run.max_failures", "train.seed", "train.prefetch_batches", "scaling.cpus_per_worker")
+                 "run.max_failures", "train.seed", "train.prefetch_batches", "scaling.cpus_per_worker",
+                 "objective.gamma_decay_steps", "objective.noise_offset", "validation.sample_steps")
 
 
 def _check(condition: bool, key: str, message: str) -> None:
@@ -345,8 +360,23 @@ def validate(cfg: Config) -> Config:
     _check(cfg.objective.gamma <= 1.0, "objective.gamma", f"must be <= 1 (the paper finds > 0.2 too strong), got {cfg.objective.gamma}")
     _check(bool(cfg.run.name) and "/" not in cfg.run.name, "run.name", f"must be a non-empty name without '/', got {cfg.run.name!r}")
     _check(bool(cfg.run.storage_path), "run.storage_path", "must be set")
+    _validate_objective(cfg)
     _validate_paths(cfg)
     return cfg
+
+
+def _validate_objective(cfg: Config) -> None:
+    o, v = cfg.objective, cfg.validation
+    _check(o.snr_gamma is None or o.snr_gamma > 0, "objective.snr_gamma", f"must be > 0 or null, got {o.snr_gamma}")
+    _check(0 <= cfg.data.caption_dropout < 1, "data.caption_dropout", f"must be in [0, 1), got {cfg.data.caption_dropout}")
+    _check(v.sample_steps <= 1000, "validation.sample_steps", f"must be <= 1000, got {v.sample_steps}")
+    _check(0.5 <= v.eps_scale <= 2.0, "validation.eps_scale", f"must be in [0.5, 2] (the paper uses ~1.005-1.02), got {v.eps_scale}")
+    _check(v.image_steps > 0, "validation.image_steps", f"must be > 0, got {v.image_steps}")
+    ema = cfg.train.ema_decay
+    _check(ema is None or 0 < ema < 1, "train.ema_decay", f"must be in (0, 1) or null, got {ema}")
+    # The EMA shadow mirrors the full module parameters, which only ZeRO 0-2 keep whole on every rank.
+    _check(ema is None or cfg.deepspeed.zero_stage < 3, "train.ema_decay",
+           "is not supported with deepspeed.zero_stage: 3 (parameters are sharded); use zero_stage 0-2 or unset train.ema_decay")
 
 
 def is_uri(path: str) -> bool:

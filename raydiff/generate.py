@@ -3,7 +3,8 @@
     python -m raydiff.generate --model DIR --prompt "a red circle" --out image.png [--steps 30] [--seed 0]
 
 Sampling deliberately goes through unmodified ``StableDiffusionXLPipeline`` so that what we evaluate is what users
-get. Sampling-time tweaks (e.g. Epsilon Scaling, a future ``--eps-scale``) hook in at :func:`_prepare_pipeline`.
+get. ``--eps-scale λ`` (Epsilon Scaling) only wraps the UNet's output, so it works with any DDPM-family scheduler;
+λ = 1 (the default) leaves the pipeline untouched.
 """
 
 from __future__ import annotations
@@ -40,11 +41,12 @@ def load_pipeline(model_dir: str, device: str | None = None, dtype: torch.dtype 
     return pipe.to(device or default_device)
 
 
-def _prepare_pipeline(pipe, **sampling_options):
-    """Hook for sampling-time modifications (none yet); returns the pipeline to sample with."""
-    if sampling_options:
-        raise NotImplementedError(f"unsupported sampling options: {sorted(sampling_options)}")
-    return pipe
+def _prepare_pipeline(pipe, eps_scale: float = 1.0):
+    """Install sampling-time modifications; returns (pipeline, hook handle or None to remove afterwards)."""
+    from raydiff.validation import eps_scale_hook
+
+    prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
+    return pipe, eps_scale_hook(pipe.unet, pipe.scheduler, prediction_type, eps_scale)
 
 
 def generate(
@@ -59,26 +61,31 @@ def generate(
     negative_prompt: str | None = None,
     num_images: int = 1,
     pipe=None,
+    eps_scale: float = 1.0,
 ) -> list[Image.Image]:
     """Generate ``num_images`` per prompt, seeded; save to ``out`` (see :func:`save_images`) if given.
 
     Pass an already loaded ``pipe`` to sample repeatedly without reloading (``model_dir`` is then only a label).
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    pipe = _prepare_pipeline(pipe if pipe is not None else load_pipeline(model_dir))
+    pipe, hook = _prepare_pipeline(pipe if pipe is not None else load_pipeline(model_dir), eps_scale)
     default_size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     # A CPU generator gives the same initial noise on every device, so a seed means the same image everywhere.
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    images = pipe(
-        prompt=prompts,
-        negative_prompt=[negative_prompt] * len(prompts) if negative_prompt is not None else None,
-        num_inference_steps=steps,
-        guidance_scale=guidance,
-        height=height or default_size,
-        width=width or default_size,
-        num_images_per_prompt=num_images,
-        generator=generator,
-    ).images
+    try:
+        images = pipe(
+            prompt=prompts,
+            negative_prompt=[negative_prompt] * len(prompts) if negative_prompt is not None else None,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=height or default_size,
+            width=width or default_size,
+            num_images_per_prompt=num_images,
+            generator=generator,
+        ).images
+    finally:
+        if hook is not None:  # a passed-in pipe is left as it came
+            hook.remove()
     if out is not None:
         save_images(images, out)
     return images
@@ -122,11 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=None, help="default: unet sample_size x VAE scale factor")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    p.add_argument("--eps-scale", type=float, default=1.0, metavar="LAMBDA",
+                   help="Epsilon Scaling: divide the predicted noise by LAMBDA (e.g. 1.005); 1 = stock sampling")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.eps_scale <= 0:
+        print(f"error: --eps-scale must be > 0, got {args.eps_scale}", file=sys.stderr)
+        return 2
     try:
         pipe = load_pipeline(args.model)
     except OSError as e:  # FileNotFoundError from resolve_pretrained, or diffusers failing to find the files
@@ -143,6 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         negative_prompt=args.negative_prompt,
         num_images=args.num_images,
         pipe=pipe,
+        eps_scale=args.eps_scale,
     )
     for path in save_images(images, args.out):
         print(path)

@@ -37,12 +37,7 @@ def read_text(path: str) -> str:
 
 def write_text(path: str, text: str) -> None:
     """Write a whole small file; on object stores the object is replaced at once."""
-    fs, p = _fs(path)
-    parent = p.rsplit("/", 1)[0]
-    if parent:
-        fs.create_dir(parent, recursive=True)
-    with fs.open_output_stream(p) as f:
-        f.write(text.encode())
+    write_bytes(path, text.encode())
 
 
 def upload_dir(local_dir: str, dest: str) -> None:
@@ -50,3 +45,17 @@ def upload_dir(local_dir: str, dest: str) -> None:
     fs, p = _fs(dest)
     fs.create_dir(p, recursive=True)
     pafs.copy_files(local_dir, p, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Write a whole small binary file (e.g. a sample grid PNG), creating parent directories."""
+    fs, p = _fs(path)
+    parent = p.rsplit("/", 1)[0]
+    if parent:
+        fs.create_dir(parent, recursive=True)
+    with fs.open_output_stream(p) as f:
+        f.write(data)
+
+
+def is_local(path: str) -> bool:
+    return not is_uri(path)

@@ -56,6 +56,7 @@ class DataSpec:
     val_max_samples: int = 16
     seed: int = 0
     on_error: str = "skip"  # skip | raise
+    caption_dropout: float = 0.0  # train split only: probability of the empty caption
     batch_size: int = 32  # rows per preprocessing call
     concurrency: int | tuple[int, int] = (1, 2)  # (min, max) preprocessing actors per split, or a fixed size
 
@@ -175,6 +176,14 @@ def caption_text(value: Any) -> str:
     return value if isinstance(value, str) else str(value)
 
 
+def drop_caption(seed: int, epoch: int, key: int, p: float) -> bool:
+    """Whether this sample trains on the empty prompt this epoch: seeded like the crop, on its own stream."""
+    if p <= 0:
+        return False
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(epoch), int(key), 0xCAF]))
+    return bool(rng.random() < p)
+
+
 def val_cutoff(candidate_keys: list[int], max_samples: int) -> int:
     """Largest key k such that at most ``max_samples`` candidates are <= k (-1: empty val).
 
@@ -256,6 +265,7 @@ class Preprocessor:
         seed: int = 0,
         epoch: int | None = 0,
         on_error: str = "skip",
+        caption_dropout: float = 0.0,
     ) -> None:
         from transformers import CLIPTokenizer  # imported here: only actors pay for it
 
@@ -265,6 +275,7 @@ class Preprocessor:
         self.image_column, self.caption_column = image_column, caption_column
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
         self.seed, self.epoch, self.on_error = seed, epoch, on_error
+        self.caption_dropout = caption_dropout
         self.num_skipped = 0
 
     def _current_epoch(self) -> int:
@@ -312,7 +323,8 @@ class Preprocessor:
                 continue
             pixels.append(px)
             tids.append(t)
-            kept.append(caption_text(c))
+            dropped = drop_caption(self.seed, epoch, int(k), self.caption_dropout)
+            kept.append("" if dropped else caption_text(c))
         r = self.resolution
         ids, ids_2 = self._tokenize(kept)
         return {
@@ -353,6 +365,7 @@ def _split_dataset(spec: DataSpec, tokenizer_path: str, epoch: int | None, cutof
             "seed": spec.seed,
             "epoch": epoch,
             "on_error": spec.on_error,
+            "caption_dropout": spec.caption_dropout,
         },
     )
 
@@ -369,7 +382,7 @@ def build_datasets(spec: DataSpec, tokenizer_path: str, epoch: int | None = 0) -
     """
     cutoff = compute_val_cutoff(spec)
     train = _split_dataset(spec, tokenizer_path, epoch, cutoff, val=False)
-    val_spec = replace(spec, center_crop=True, random_flip=False)
+    val_spec = replace(spec, center_crop=True, random_flip=False, caption_dropout=0.0)
     val = _split_dataset(val_spec, tokenizer_path, 0, cutoff, val=True)
     val.context.execution_options.preserve_order = True
     return {"train": train, "val": val}

@@ -59,7 +59,7 @@ def data_spec(cfg: Config):
     return DataSpec(source=source, image_column=d.image_column, caption_column=d.caption_column,
                     resolution=d.resolution, center_crop=d.center_crop, random_flip=d.random_flip,
                     val_fraction=d.val_fraction, val_max_samples=d.val_max_samples, seed=cfg.train.seed,
-                    on_error=d.on_error)
+                    on_error=d.on_error, caption_dropout=d.caption_dropout)
 
 
 def _ordered():

@@ -21,13 +21,14 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from raydiff import models, objective, storage
+from raydiff import models, objective, storage, validation
 from raydiff.config import Config, from_dict
 from raydiff.train.deepspeed_setup import PRECISION_DTYPES, build_lr_scheduler, build_optimizer, deepspeed_config
 from raydiff.train.metrics_log import MetricsLog
 
 DS_TAG = "deepspeed"  # one DeepSpeed tag per Ray checkpoint directory
 STATE_FILE = "trainer_state.json"
+EMA_FILE = "ema_unet.pt"  # fp32 EMA shadow of the UNet (rank 0 writes it; identical on every rank under ZeRO 0-2)
 
 
 @dataclass
@@ -64,6 +65,8 @@ class Worker:
         self.device = ray.train.torch.get_device()
         self.dtype = PRECISION_DTYPES[cfg.deepspeed.precision]
         self.state = TrainState()
+        self.ema: dict[str, torch.Tensor] | None = None
+        self.last_gamma = cfg.objective.gamma
 
     # ------------------------------------------------------------ set-up
 
@@ -80,6 +83,7 @@ class Worker:
         self.alphas_cumprod = comps.noise_scheduler.alphas_cumprod.to(self.device, torch.float32)
         self.num_train_timesteps = comps.noise_scheduler.config.num_train_timesteps
         self.prediction_type = cfg.objective.prediction_type or comps.noise_scheduler.config.prediction_type
+        self.comps = comps  # tokenizers and scheduler config for the sample images
         unet = comps.unet
         if cfg.train.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
@@ -87,6 +91,8 @@ class Worker:
         self.engine, _, _, self.lr_scheduler = deepspeed.initialize(
             model=unet, optimizer=optimizer, lr_scheduler=build_lr_scheduler(optimizer, cfg),
             config=deepspeed_config(cfg, self.world), dist_init_required=False)
+        if cfg.train.ema_decay is not None:  # ZeRO 0-2 only (config validation): module params are whole here
+            self.ema = {n: p.detach().float().clone() for n, p in self.engine.module.named_parameters()}
 
     def restore(self) -> None:
         checkpoint = ray.train.get_checkpoint()
@@ -96,6 +102,8 @@ class Worker:
             self.engine.load_checkpoint(ckpt_dir, tag=DS_TAG)
             with open(os.path.join(ckpt_dir, STATE_FILE)) as f:
                 self.state = TrainState(**json.load(f))
+            if self.ema is not None and os.path.exists(os.path.join(ckpt_dir, EMA_FILE)):
+                self.ema = torch.load(os.path.join(ckpt_dir, EMA_FILE), map_location=self.device)
         if self.rank == 0:
             print(f"[raydiff] resumed from {checkpoint.path} at step {self.state.step}", flush=True)
 
@@ -117,15 +125,30 @@ class Worker:
         return self.engine(noisy.to(self.dtype), timesteps, encoder_hidden_states=cond.prompt_embeds.to(self.dtype),
                            added_cond_kwargs=added, return_dict=False)[0]
 
+    def gamma(self, batch_size: int, generator: torch.Generator) -> float | torch.Tensor:
+        o = self.cfg.objective
+        return objective.gamma_at(o.gamma_schedule, o.gamma, self.state.step,
+                                  o.gamma_decay_steps or self.cfg.train.max_steps, batch_size, o.gamma_per_sample,
+                                  generator)
+
     def train_micro_step(self, batch: dict, micro: int) -> torch.Tensor:
+        o = self.cfg.objective
         gen = step_generator(self.device, self.cfg.train.seed, self.state.step, micro, self.rank)
         cond = self.encode(batch, gen)
-        noised = objective.make_training_batch(cond.latents, self.alphas_cumprod, self.prediction_type,
-                                               self.cfg.objective.gamma, gen)
-        loss = objective.mse_per_sample(self.predict(noised.noisy, noised.timesteps, cond), noised.target).mean()
+        gamma = self.gamma(cond.latents.shape[0], gen)
+        self.last_gamma = gamma.mean().item() if isinstance(gamma, torch.Tensor) else gamma
+        noised = objective.make_training_batch(cond.latents, self.alphas_cumprod, self.prediction_type, gamma, gen,
+                                               noise_offset=o.noise_offset)
+        weights = None if o.snr_gamma is None else objective.min_snr_weights(
+            noised.timesteps, self.alphas_cumprod, o.snr_gamma, self.prediction_type)
+        loss = objective.weighted_loss(self.predict(noised.noisy, noised.timesteps, cond), noised, weights)
         self.engine.backward(loss)
         self.engine.step()
         return loss.detach()
+
+    def update_ema(self) -> None:
+        if self.ema is not None:
+            objective.ema_update_(self.ema, dict(self.engine.module.named_parameters()), self.cfg.train.ema_decay)
 
     # ------------------------------------------------------------ validation
 
@@ -137,30 +160,89 @@ class Worker:
         if not self.val_batches:
             raise RuntimeError("the validation split is empty: raise data.val_fraction or add data")
 
-    def validate(self) -> float:
-        """Unperturbed loss (gamma = 0) at fixed timesteps with fixed noise: comparable across runs with any gamma.
+    def validate(self) -> dict:
+        """Unperturbed loss (gamma = 0, no offset noise, unweighted) at fixed timesteps with fixed noise, overall and
+        per timestep band, plus the exposure bias of a short sampling chain: comparable across runs with any gamma.
 
         Batches are spread over ranks; every rank runs the same number of forwards (ZeRO-3 gathers need all ranks),
         a rank short of batches repeats batch 0 with weight 0.
         """
+        v = self.cfg.validation
         self.engine.eval()
-        total = torch.zeros(2, dtype=torch.float64, device=self.device)
-        rounds = math.ceil(len(self.val_batches) / self.world)
+        sums = torch.zeros(len(v.timesteps), 2, dtype=torch.float64, device=self.device)
+        moments = torch.zeros(max(v.sample_steps, 1), 3, dtype=torch.float64, device=self.device)
         with torch.no_grad():
-            for i in range(rounds):
-                index = i * self.world + self.rank
-                weight = 1.0 if index < len(self.val_batches) else 0.0
-                cond = self.val_batches[index if weight else 0]
-                for t in self.cfg.validation.timesteps:
-                    gen = step_generator(self.device, self.cfg.validation.seed, index, t)
+            for index, cond, weight in self.my_val_batches():
+                for row, t in enumerate(v.timesteps):
+                    gen = step_generator(self.device, v.seed, index, t)
                     ts = torch.full((cond.latents.shape[0],), t, dtype=torch.long, device=self.device)
                     noised = objective.make_training_batch(cond.latents, self.alphas_cumprod, self.prediction_type,
                                                            0.0, gen, timesteps=ts)
                     losses = objective.mse_per_sample(self.predict(noised.noisy, ts, cond), noised.target)
-                    total += torch.stack([losses.sum().double(), torch.tensor(float(losses.numel()), dtype=torch.float64, device=self.device)]) * weight
+                    sums[row] += torch.stack([losses.sum().double(), torch.tensor(float(losses.numel()), dtype=torch.float64, device=self.device)]) * weight
+                if v.sample_steps:
+                    moments += weight * validation.exposure_bias_moments(
+                        self.predict, cond.latents, cond, self.alphas_cumprod, self.prediction_type, v.sample_steps,
+                        v.eps_scale, step_generator(self.device, v.seed, index, -1))
         self.engine.train()
-        dist.all_reduce(total)
-        return (total[0] / total[1]).item()
+        dist.all_reduce(sums)
+        metrics = validation.loss_metrics(v.timesteps, sums, self.num_train_timesteps)
+        if v.sample_steps:
+            dist.all_reduce(moments)
+            metrics["exposure_bias"], _ = validation.exposure_bias(moments, self.alphas_cumprod.cpu())
+        self.render_samples()
+        return metrics
+
+    def my_val_batches(self):
+        """(index, batch, weight) for this rank, padded to the same count on every rank."""
+        rounds = math.ceil(len(self.val_batches) / self.world)
+        for i in range(rounds):
+            index = i * self.world + self.rank
+            weight = 1.0 if index < len(self.val_batches) else 0.0
+            yield index, self.val_batches[index if weight else 0], weight
+
+    def render_samples(self) -> None:
+        """Rank 0 renders validation.prompts into samples/step_XXXXXX.png (and TensorBoard) with a fixed seed."""
+        v = self.cfg.validation
+        if not v.prompts or self.rank != 0:
+            return
+        if self.cfg.deepspeed.zero_stage == 3:  # rank 0 alone cannot run a sharded UNet (its forwards gather)
+            print("[raydiff] validation images skipped: ZeRO-3 shards the UNet across ranks", flush=True)
+            return
+        from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+        c, unet = self.comps, self.engine.module
+        scheduler = EulerDiscreteScheduler.from_config(c.noise_scheduler.config, prediction_type=self.prediction_type)
+        pipe = StableDiffusionXLPipeline(vae=self.vae, text_encoder=self.text_encoder,
+                                         text_encoder_2=self.text_encoder_2, tokenizer=c.tokenizer,
+                                         tokenizer_2=c.tokenizer_2, unet=unet, scheduler=scheduler,
+                                         add_watermarker=False)
+        pipe.set_progress_bar_config(disable=True)
+        was_training, dtype = unet.training, unet.dtype
+        unet.eval()
+        try:
+            grid = validation.render_grid(pipe, v.prompts, v.image_steps, v.seed, v.eps_scale, self.prediction_type)
+        finally:
+            unet.train(was_training)
+        self.save_grid(grid)
+
+    def save_grid(self, grid) -> None:
+        import io
+
+        import numpy as np
+
+        buf = io.BytesIO()
+        grid.save(buf, format="PNG")
+        path = storage.join(self.run_dir, "samples", f"step_{self.state.step:06d}.png")
+        storage.write_bytes(path, buf.getvalue())
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # TensorBoard is optional
+            return
+        if not storage.is_local(self.run_dir):
+            return
+        with SummaryWriter(os.path.join(self.run_dir, "tensorboard")) as writer:
+            writer.add_image("samples", np.asarray(grid), self.state.step, dataformats="HWC")
 
     # ------------------------------------------------------------ checkpoint and report
 
@@ -175,6 +257,8 @@ class Worker:
             if self.rank == 0:
                 with open(os.path.join(tmp, STATE_FILE), "w") as f:
                     json.dump(dataclasses.asdict(self.state), f)
+                if self.ema is not None:
+                    torch.save(self.ema, os.path.join(tmp, EMA_FILE))
             dist.barrier()
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         finally:
@@ -192,8 +276,9 @@ class Worker:
         run_start = time.perf_counter()
         last_val, micro = None, 0  # micro-steps run across epoch boundaries, like DeepSpeed's own count
         if self.state.step == 0:  # the untrained baseline, so every curve starts from the same point
-            last_val = self.validate()
-            baseline = {"step": 0, "epoch": 0, "val_loss": last_val, "gamma": cfg.objective.gamma, "time": time.time()}
+            val = self.validate()
+            last_val = val["val_loss"]
+            baseline = {"step": 0, "epoch": 0, **val, "gamma": self.gamma_now(), "time": time.time()}
             if log is not None:
                 log.append(baseline)
             ray.train.report(baseline)
@@ -208,6 +293,7 @@ class Worker:
                 if micro < cfg.train.grad_accum:
                     continue
                 micro = 0
+                self.update_ema()
                 self.state.step += 1
                 self.state.samples_seen += global_batch
                 window_steps += 1
@@ -221,7 +307,8 @@ class Worker:
                 metrics = self.step_metrics(loss_sum / max(loss_count, 1), window_start, window_steps, global_batch)
                 loss_sum, loss_count = torch.zeros((), device=self.device), 0
                 if do_val:
-                    last_val = metrics["val_loss"] = self.validate()
+                    metrics.update(self.validate())
+                    last_val = metrics["val_loss"]
                 if log is not None:
                     log.append(metrics)
                     self.print_progress(metrics, last_val, run_start, start_step)
@@ -243,7 +330,14 @@ class Worker:
         elapsed = max(time.perf_counter() - window_start, 1e-9)
         return {"step": self.state.step, "epoch": self.state.epoch, "loss": loss.item() / self.world,
                 "lr": self.lr_scheduler.get_last_lr()[0], "samples_per_s": window_steps * global_batch / elapsed,
-                "gamma": self.cfg.objective.gamma, "time": time.time()}
+                "gamma": self.last_gamma, "time": time.time()}
+
+    def gamma_now(self) -> float:
+        """The gamma the schedule gives at the current step (random_strength: its mean, gamma / 2)."""
+        o = self.cfg.objective
+        if o.gamma_schedule == "random_strength":
+            return o.gamma / 2
+        return objective.gamma_at(o.gamma_schedule, o.gamma, self.state.step, o.gamma_decay_steps or self.cfg.train.max_steps)
 
     def print_progress(self, m: dict, last_val: float | None, run_start: float, start_step: int) -> None:
         done = m["step"] - start_step
@@ -260,8 +354,11 @@ class Worker:
 
         state_dict = gather_fp32_state_dict(self.engine)  # collective: every rank takes part
         if self.rank == 0:
+            if self.ema is not None:  # the export holds the EMA weights (buffers come from the live module)
+                state_dict.update({n: t.detach().cpu().clone() for n, t in self.ema.items()})
             path = export_pipeline(self.cfg, state_dict, self.engine.module.config, self.prediction_type,
-                                   storage.join(self.run_dir, "final"))
+                                   storage.join(self.run_dir, "final"), info={"ema": self.ema is not None,
+                                                                               "ema_decay": self.cfg.train.ema_decay})
             print(f"[raydiff] exported diffusers pipeline to {path}", flush=True)
         dist.barrier()
 
