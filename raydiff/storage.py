@@ -37,12 +37,16 @@ def read_text(path: str) -> str:
 
 def write_text(path: str, text: str) -> None:
     """Write a whole small file; on object stores the object is replaced at once."""
+    write_bytes(path, text.encode())
+
+
+def write_bytes(path: str, data: bytes) -> None:
     fs, p = _fs(path)
     parent = p.rsplit("/", 1)[0]
     if parent:
         fs.create_dir(parent, recursive=True)
     with fs.open_output_stream(p) as f:
-        f.write(text.encode())
+        f.write(data)
 
 
 def upload_dir(local_dir: str, dest: str) -> None:

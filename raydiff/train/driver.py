@@ -30,8 +30,8 @@ class RunOutputs:
     metrics: dict
 
 
-def init_ray(cfg: Config) -> None:
-    """Join the cluster we run in (ray job submit sets RAY_ADDRESS), else start a local Ray sized for the run."""
+def init_ray(cfg: Config, concurrent_runs: int = 1) -> None:
+    """Join the cluster we run in (ray job submit sets RAY_ADDRESS), else start a local Ray sized for the run(s)."""
     # Ray Data's progress bars would bury the training progress lines in the driver log.
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -41,7 +41,7 @@ def init_ray(cfg: Config) -> None:
         ray.init(log_to_driver=True)
         return
     # Training workers hold fractional CPUs; make sure Ray Data's preprocessing still gets whole CPUs on a laptop.
-    needed = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 2
+    needed = concurrent_runs * cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 2
     ray.init(num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)), include_dashboard=False)
 
 
