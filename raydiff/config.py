@@ -135,6 +135,21 @@ class ValidationSection:
 
 
 @dataclass
+class TuneSection:
+    """`python -m raydiff.tune`: one trial per sampled config, ranked by the unperturbed `val_loss`."""
+
+    # Dotted config key -> one of {grid: [..]}, {choice: [..]}, {uniform: [lo, hi]}, {loguniform: [lo, hi]}.
+    search_space: dict[str, Any] = field(default_factory=dict)
+    num_samples: int = 1  # samples per grid point
+    scheduler: str = "asha"  # asha | fifo
+    grace_period: int = 1  # ASHA: optimizer steps before a trial can be stopped
+    reduction_factor: float = 3.0  # ASHA: keep the best 1/reduction_factor at each rung
+    # None: as many as the cluster's CPUs (or GPUs) fit, given each trial's scaling section.
+    max_concurrent_trials: Optional[int] = None
+    search_alg: str = "random"  # random (grid keys expanded, others sampled) | optuna
+
+
+@dataclass
 class Config:
     run: RunSection = field(default_factory=RunSection)
     scaling: ScalingSection = field(default_factory=ScalingSection)
@@ -146,6 +161,7 @@ class Config:
     data: DataSection = field(default_factory=DataSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     validation: ValidationSection = field(default_factory=ValidationSection)
+    tune: TuneSection = field(default_factory=TuneSection)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -202,6 +218,12 @@ def _coerce(value: Any, tp, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if typing.get_origin(inner) is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        return dict(value)
     if inner is bool:
         if isinstance(value, bool):
             return value
@@ -262,17 +284,23 @@ def apply_dict(cfg: Config, raw: dict[str, Any]) -> Config:
     return cfg
 
 
-def set_value(cfg: Config, dotted: str, value: Any) -> None:
-    """Set one dotted key, coercing the value (a string from --set, or a YAML value) to the field type."""
+def field_type(dotted: str):
+    """The declared type of a dotted key; unknown sections and keys are rejected with the closest valid name."""
     section_name, key = _split_key(dotted)
     sections = _fields(Config)
     if section_name not in sections:
         raise ConfigError(f"unknown config section '{section_name}' in '{dotted}'{_suggest(section_name, list(sections))}")
-    section = getattr(cfg, section_name)
-    types_ = _section_types(type(section))
+    types_ = _section_types(sections[section_name].default_factory)
     if key not in types_:
         raise ConfigError(f"unknown config key '{dotted}'{_suggest(key, list(types_))}")
-    setattr(section, key, _coerce(value, types_[key], dotted))
+    return types_[key]
+
+
+def set_value(cfg: Config, dotted: str, value: Any) -> None:
+    """Set one dotted key, coercing the value (a string from --set, or a YAML value) to the field type."""
+    tp = field_type(dotted)
+    section_name, key = _split_key(dotted)
+    setattr(getattr(cfg, section_name), key, _coerce(value, tp, dotted))
 
 
 def parse_override(text: str) -> tuple[str, str]:
@@ -325,11 +353,14 @@ _CHOICES = {
     "optim.lr_scheduler": ("constant", "cosine", "linear"),
     "data.on_error": ("skip", "raise"),
     "objective.gamma_schedule": ("constant", "linear_decay", "random_strength"),
+    "tune.scheduler": ("asha", "fifo"),
+    "tune.search_alg": ("random", "optuna"),
 }
 
 _POSITIVE = ("scaling.num_workers", "train.max_steps", "train.batch_size", "train.grad_accum", "optim.lr",
              "data.resolution", "checkpoint.every_n_steps", "validation.every_n_steps", "validation.batch_size",
-             "train.log_every_n_steps", "train.report_every_n_steps", "checkpoint.keep", "data.val_max_samples", "data.demo_num_images")
+             "train.log_every_n_steps", "train.report_every_n_steps", "checkpoint.keep", "data.val_max_samples",
+             "data.demo_num_images", "tune.num_samples", "tune.grace_period")
 
 _NON_NEGATIVE = ("objective.gamma", "train.grad_clip", "optim.weight_decay", "optim.warmup_steps",
                  "run.max_failures", "train.seed", "train.prefetch_batches", "scaling.cpus_per_worker",
@@ -361,7 +392,11 @@ def validate(cfg: Config) -> Config:
     _check(bool(cfg.run.name) and "/" not in cfg.run.name, "run.name", f"must be a non-empty name without '/', got {cfg.run.name!r}")
     _check(bool(cfg.run.storage_path), "run.storage_path", "must be set")
     _validate_objective(cfg)
+    _check(cfg.tune.reduction_factor > 1, "tune.reduction_factor", f"must be > 1, got {cfg.tune.reduction_factor}")
+    _check(cfg.tune.max_concurrent_trials is None or cfg.tune.max_concurrent_trials > 0, "tune.max_concurrent_trials",
+           f"must be > 0 or null, got {cfg.tune.max_concurrent_trials}")
     _validate_paths(cfg)
+    _validate_search_space(cfg)
     return cfg
 
 
@@ -377,6 +412,43 @@ def _validate_objective(cfg: Config) -> None:
     # The EMA shadow mirrors the full module parameters, which only ZeRO 0-2 keep whole on every rank.
     _check(ema is None or cfg.deepspeed.zero_stage < 3, "train.ema_decay",
            "is not supported with deepspeed.zero_stage: 3 (parameters are sharded); use zero_stage 0-2 or unset train.ema_decay")
+
+
+# Search-space distributions: name -> whether its values are a list of candidates (else [low, high] bounds).
+SEARCH_KINDS = {"grid": True, "choice": True, "uniform": False, "loguniform": False}
+_NOT_SEARCHABLE = ("run", "tune")  # a trial's run name and storage come from the sweep
+
+
+def _validate_search_space(cfg: Config) -> None:
+    """Every searched key is a real config key and every candidate value (or bound) is valid for it."""
+    if cfg.tune.search_alg == "optuna":
+        import importlib.util
+
+        _check(importlib.util.find_spec("optuna") is not None, "tune.search_alg",
+               "is 'optuna' but optuna is not installed (pip install optuna)")
+    for dotted, spec in cfg.tune.search_space.items():
+        where = f"tune.search_space.{dotted}"
+        try:
+            field_type(dotted)
+        except ConfigError as exc:
+            raise ConfigError(f"config key '{where}': {exc}") from None
+        _check(isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in SEARCH_KINDS, where,
+               f"must be one of {{{' | '.join(f'{k}: [...]' for k in SEARCH_KINDS)}}}, got {spec!r}")
+        (kind, values), = spec.items()
+        _check(_split_key(dotted)[0] not in _NOT_SEARCHABLE, where, "cannot be searched (set by the sweep)")
+        _check(not (kind == "grid" and cfg.tune.search_alg == "optuna"), where, "grid is not supported by optuna; use choice")
+        _check(isinstance(values, list) and len(values) > 0, where, f"{kind} needs a non-empty list, got {values!r}")
+        if not SEARCH_KINDS[kind]:
+            _check(len(values) == 2 and values[0] < values[1], where, f"{kind} needs [low, high] with low < high, got {values}")
+            _check(kind != "loguniform" or values[0] > 0, where, f"loguniform needs low > 0, got {values}")
+        for value in values:  # each candidate must make a valid config on its own
+            trial = from_dict(cfg.to_dict() | {"tune": {}})
+            try:
+                set_value(trial, dotted, value)
+                validate(trial)
+            except ConfigError as exc:
+                raise ConfigError(f"config key '{where}': value {value!r}: {exc}") from None
+
 
 
 def is_uri(path: str) -> bool:

@@ -1,0 +1,5 @@
+import sys
+
+from raydiff.tune.sweep import main
+
+sys.exit(main())
