@@ -37,12 +37,7 @@ def read_text(path: str) -> str:
 
 def write_text(path: str, text: str) -> None:
     """Write a whole small file; on object stores the object is replaced at once."""
-    fs, p = _fs(path)
-    parent = p.rsplit("/", 1)[0]
-    if parent:
-        fs.create_dir(parent, recursive=True)
-    with fs.open_output_stream(p) as f:
-        f.write(text.encode())
+    write_bytes(path, text.encode())
 
 
 def upload_dir(local_dir: str, dest: str) -> None:
@@ -50,3 +45,21 @@ def upload_dir(local_dir: str, dest: str) -> None:
     fs, p = _fs(dest)
     fs.create_dir(p, recursive=True)
     pafs.copy_files(local_dir, p, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    fs, p = _fs(path)
+    parent = p.rsplit("/", 1)[0]
+    if parent:
+        fs.create_dir(parent, recursive=True)
+    with fs.open_output_stream(p) as f:
+        f.write(data)
+
+
+def download_dir(src: str, local_dir: str) -> str:
+    """Copy a directory tree (local or URI) to `local_dir`; returns `local_dir`."""
+    fs, p = _fs(src)
+    os.makedirs(local_dir, exist_ok=True)
+    pafs.copy_files(p, local_dir, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return local_dir
+

@@ -190,12 +190,14 @@ class Worker:
         loss_sum, loss_count = torch.zeros((), device=self.device), 0
         window_start, window_steps, start_step = time.perf_counter(), 0, self.state.step
         run_start = time.perf_counter()
-        last_val, micro = None, 0  # micro-steps run across epoch boundaries, like DeepSpeed's own count
+        micro = 0  # micro-steps run across epoch boundaries, like DeepSpeed's own count
         if self.state.step == 0:  # the untrained baseline, so every curve starts from the same point
-            last_val = self.validate()
-            baseline = {"step": 0, "epoch": 0, "val_loss": last_val, "gamma": cfg.objective.gamma, "time": time.time()}
+            baseline = {"step": 0, "epoch": 0, "val_loss": self.validate(), "gamma": cfg.objective.gamma,
+                        "time": time.time()}
             if log is not None:
                 log.append(baseline)
+                print(f"[raydiff] step 0/{cfg.train.max_steps} | val_loss {baseline['val_loss']:.4f} (untrained)",
+                      flush=True)
             ray.train.report(baseline)
         while self.state.step < cfg.train.max_steps:
             for batch in shard.iter_torch_batches(batch_size=cfg.train.batch_size, drop_last=True,
@@ -219,10 +221,10 @@ class Worker:
                 loss_sum, loss_count = torch.zeros((), device=self.device), 0
                 window_start, window_steps = time.perf_counter(), 0
                 if do_val:
-                    last_val = metrics["val_loss"] = self.validate()
+                    metrics["val_loss"] = self.validate()
                 if log is not None:
                     log.append(metrics)
-                    self.print_progress(metrics, last_val, run_start, start_step)
+                    self.print_progress(metrics, run_start, start_step)
                 self.report(metrics, with_checkpoint=do_ckpt)
                 if is_last:
                     break
@@ -236,11 +238,12 @@ class Worker:
                 "lr": self.lr_scheduler.get_last_lr()[0], "samples_per_s": window_steps * global_batch / elapsed,
                 "gamma": self.cfg.objective.gamma, "time": time.time()}
 
-    def print_progress(self, m: dict, last_val: float | None, run_start: float, start_step: int) -> None:
+    def print_progress(self, m: dict, run_start: float, start_step: int) -> None:
+        """One line per logged step (`train.log_every_n_steps`): a steady cadence; val_loss only when just computed."""
         done = m["step"] - start_step
         per_step = (time.perf_counter() - run_start) / max(done, 1)
         eta = per_step * (self.cfg.train.max_steps - m["step"])
-        val = f" | val_loss {last_val:.4f}" if last_val is not None else ""
+        val = f" | val_loss {m['val_loss']:.4f}" if "val_loss" in m else ""
         print(f"[raydiff] step {m['step']}/{self.cfg.train.max_steps} | loss {m['loss']:.4f}{val} | "
               f"{m['samples_per_s']:.1f} samples/s | lr {m['lr']:.2e} | ETA {eta:.0f}s", flush=True)
 
