@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import os
 import types
 import typing
@@ -150,6 +151,17 @@ class TuneSection:
 
 
 @dataclass
+class LoggingSection:
+    tensorboard: bool = True  # event files in <run dir>/tensorboard
+    mlflow_uri: Optional[str] = None  # e.g. http://mlflow:5000 or file:///path; unset: no MLflow
+    mlflow_experiment: str = "raydiff"
+    # A sample grid from the exported model at the end of the run (TensorBoard + samples.png); empty: none.
+    sample_prompts: list[str] = field(default_factory=lambda: ["a red circle on a blue background",
+                                                               "a small green square and a large yellow star"])
+    sample_steps: int = 20
+
+
+@dataclass
 class Config:
     run: RunSection = field(default_factory=RunSection)
     scaling: ScalingSection = field(default_factory=ScalingSection)
@@ -162,6 +174,7 @@ class Config:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     validation: ValidationSection = field(default_factory=ValidationSection)
     tune: TuneSection = field(default_factory=TuneSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -360,7 +373,7 @@ _CHOICES = {
 _POSITIVE = ("scaling.num_workers", "train.max_steps", "train.batch_size", "train.grad_accum", "optim.lr",
              "data.resolution", "checkpoint.every_n_steps", "validation.every_n_steps", "validation.batch_size",
              "train.log_every_n_steps", "train.report_every_n_steps", "checkpoint.keep", "data.val_max_samples",
-             "data.demo_num_images", "tune.num_samples", "tune.grace_period")
+             "data.demo_num_images", "tune.num_samples", "tune.grace_period", "logging.sample_steps")
 
 _NON_NEGATIVE = ("objective.gamma", "train.grad_clip", "optim.weight_decay", "optim.warmup_steps",
                  "run.max_failures", "train.seed", "train.prefetch_batches", "scaling.cpus_per_worker",
@@ -395,6 +408,11 @@ def validate(cfg: Config) -> Config:
     _check(cfg.tune.reduction_factor > 1, "tune.reduction_factor", f"must be > 1, got {cfg.tune.reduction_factor}")
     _check(cfg.tune.max_concurrent_trials is None or cfg.tune.max_concurrent_trials > 0, "tune.max_concurrent_trials",
            f"must be > 0 or null, got {cfg.tune.max_concurrent_trials}")
+    _check("$" not in storage_path(cfg), "run.storage_path",
+           f"names an unset environment variable: {cfg.run.storage_path!r}")
+    _check(bool(cfg.logging.mlflow_experiment), "logging.mlflow_experiment", "must be set")
+    _check(not cfg.logging.mlflow_uri or importlib.util.find_spec("mlflow") is not None, "logging.mlflow_uri",
+           "needs MLflow: pip install 'raydiff[mlflow]'")
     _validate_paths(cfg)
     _validate_search_space(cfg)
     return cfg
@@ -473,8 +491,12 @@ def _validate_paths(cfg: Config) -> None:
 
 
 def storage_path(cfg: Config) -> str:
-    """The storage path with `~` expanded and local paths made absolute (Ray needs absolute paths)."""
-    path = cfg.run.storage_path
+    """The storage path with `$VARS` and `~` expanded and local paths made absolute (Ray needs absolute paths).
+
+    `$VARS` let a cluster name its bucket once (e.g. RAYDIFF_STORAGE_PATH in cluster/*.yaml): `ray job submit`
+    quotes the entrypoint, so the variable is expanded here, on the cluster, not by a shell.
+    """
+    path = os.path.expandvars(cfg.run.storage_path)
     return path if is_uri(path) else os.path.abspath(os.path.expanduser(path))
 
 

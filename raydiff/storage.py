@@ -59,3 +59,11 @@ def write_bytes(path: str, data: bytes) -> None:
 
 def is_local(path: str) -> bool:
     return not is_uri(path)
+
+
+def download_dir(src: str, local_dir: str) -> str:
+    """Copy a directory tree (local or URI) to `local_dir`; returns `local_dir`."""
+    fs, p = _fs(src)
+    os.makedirs(local_dir, exist_ok=True)
+    pafs.copy_files(p, local_dir, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return local_dir

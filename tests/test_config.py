@@ -103,3 +103,13 @@ def test_run_dir_expands_home_and_keeps_uris():
     assert C.run_dir(cfg).endswith("/runs/abc") and "~" not in C.run_dir(cfg)
     cfg.run.storage_path = "s3://bucket/prefix"
     assert C.run_dir(cfg) == "s3://bucket/prefix/abc"
+
+
+def test_logging_section_defaults_and_validation():
+    cfg = C.load_config(None)
+    assert cfg.logging.tensorboard and cfg.logging.mlflow_uri is None and cfg.logging.sample_prompts
+    assert C.load_config(None, ["logging.sample_prompts=[]"]).logging.sample_prompts == []
+    for override, key in (("logging.sample_steps=0", "logging.sample_steps"),
+                          ("logging.mlflow_experiment=", "logging.mlflow_experiment")):
+        with pytest.raises(C.ConfigError, match=key):
+            C.load_config(None, [override])

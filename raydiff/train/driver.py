@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import dataclass
+import tempfile
+import time
+from dataclasses import dataclass, field
 
 import ray
 import ray.data
@@ -18,7 +20,10 @@ from ray.train.torch import TorchTrainer
 
 from raydiff import models, storage
 from raydiff.config import Config, ConfigError, load_config, run_dir, storage_path
+from raydiff.train import summary as summ
+from raydiff.train import tracking
 from raydiff.train.loop import train_loop_per_worker
+from raydiff.train.metrics_log import read_metrics
 
 
 @dataclass
@@ -28,6 +33,8 @@ class RunOutputs:
     metrics_path: str
     checkpoint_path: str | None
     metrics: dict
+    wall_s: float = 0.0
+    extras: dict[str, str] = field(default_factory=dict)  # further outputs by label: plot, samples, TensorBoard...
 
 
 def init_ray(cfg: Config, concurrent_runs: int = 1) -> None:
@@ -111,14 +118,40 @@ def prepare_run_dir(cfg: Config) -> str:
 
 
 def run_training(cfg: Config, callbacks: list | None = None) -> RunOutputs:
+    start = time.perf_counter()
     init_ray(cfg)
     models.resolve_pretrained(cfg.model.pretrained)  # build/cache the tiny model once, before workers race for it
     path = prepare_run_dir(cfg)
-    result = build_trainer(cfg, callbacks).fit()
-    return RunOutputs(run_dir=path, model_dir=storage.join(path, "final"),
-                      metrics_path=storage.join(path, "metrics.jsonl"),
-                      checkpoint_path=result.checkpoint.path if result.checkpoint else None,
-                      metrics=result.metrics or {})
+    mlflow_run = tracking.start_mlflow_run(cfg)
+    result = build_trainer(cfg, [*(callbacks or []), tracking.RunTracker(cfg, mlflow_run)]).fit()
+    out = RunOutputs(run_dir=path, model_dir=storage.join(path, "final"),
+                     metrics_path=storage.join(path, "metrics.jsonl"),
+                     checkpoint_path=result.checkpoint.path if result.checkpoint else None,
+                     metrics=result.metrics or {})
+    finish_run(cfg, out, mlflow_run)
+    out.wall_s = time.perf_counter() - start
+    return out
+
+
+def finish_run(cfg: Config, out: RunOutputs, mlflow_run: str | None) -> None:
+    """The loss-curve PNG, a sample grid from the exported model, and the MLflow run's artifacts and end."""
+    with tempfile.TemporaryDirectory() as tmp:
+        files = {"loss curve": summ.plot_loss_curve(read_metrics(out.metrics_path), os.path.join(tmp, summ.LOSS_CURVE))}
+        if cfg.logging.sample_prompts:
+            grid = summ.sample_grid(cfg, out.model_dir)
+            grid.save(os.path.join(tmp, summ.SAMPLES))
+            files["samples"] = os.path.join(tmp, summ.SAMPLES)
+            if cfg.logging.tensorboard:
+                tracking.log_sample_grid(cfg, grid, int(out.metrics.get("step", 0)))
+        for label, local in files.items():
+            out.extras[label] = storage.join(out.run_dir, os.path.basename(local))
+            with open(local, "rb") as f:
+                storage.write_bytes(out.extras[label], f.read())
+        tracking.finish_mlflow_run(cfg, mlflow_run, list(files.values()))
+    if cfg.logging.tensorboard:
+        out.extras["tensorboard"] = f"tensorboard --logdir {storage.join(out.run_dir, 'tensorboard')}"
+    if mlflow_run:
+        out.extras["mlflow run"] = f"{cfg.logging.mlflow_uri} (run id {mlflow_run})"
 
 
 def parse_args(argv: list[str] | None, prog: str, description: str) -> argparse.Namespace:
@@ -141,12 +174,7 @@ def load_cli_config(argv: list[str] | None, prog: str, description: str) -> Conf
 def main(argv: list[str] | None = None) -> int:
     cfg = load_cli_config(argv, "python -m raydiff.train", "Train SDXL with input perturbation on Ray + DeepSpeed.")
     out = run_training(cfg)
-    m = out.metrics
-    print("\n[raydiff] run finished"
-          f"\n  steps:       {m.get('step')}"
-          f"\n  val_loss:    {m.get('val_loss')}"
-          f"\n  model:       {out.model_dir}"
-          f"\n  metrics:     {out.metrics_path}"
-          f"\n  checkpoint:  {out.checkpoint_path}"
-          f"\n  config:      {storage.join(out.run_dir, 'config.yaml')}", flush=True)
+    s = summ.Summary.from_rows(read_metrics(out.metrics_path), out.wall_s)
+    extras = {"metrics": out.metrics_path, "config": storage.join(out.run_dir, "config.yaml"), **out.extras}
+    print("\n" + summ.format_summary(s, out.run_dir, out.model_dir, out.checkpoint_path, extras), flush=True)
     return 0

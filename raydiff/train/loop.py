@@ -274,13 +274,13 @@ class Worker:
         loss_sum, loss_count = torch.zeros((), device=self.device), 0
         window_start, window_steps, start_step = time.perf_counter(), 0, self.state.step
         run_start = time.perf_counter()
-        last_val, micro = None, 0  # micro-steps run across epoch boundaries, like DeepSpeed's own count
+        micro = 0  # micro-steps run across epoch boundaries, like DeepSpeed's own count
         if self.state.step == 0:  # the untrained baseline, so every curve starts from the same point
-            val = self.validate()
-            last_val = val["val_loss"]
-            baseline = {"step": 0, "epoch": 0, **val, "gamma": self.gamma_now(), "time": time.time()}
+            baseline = {"step": 0, "epoch": 0, **self.validate(), "gamma": self.gamma_now(), "time": time.time()}
             if log is not None:
                 log.append(baseline)
+                print(f"[raydiff] step 0/{cfg.train.max_steps} | val_loss {baseline['val_loss']:.4f} (untrained)",
+                      flush=True)
             ray.train.report(baseline)
         while self.state.step < cfg.train.max_steps:
             micro_in_epoch = 0
@@ -308,10 +308,9 @@ class Worker:
                 loss_sum, loss_count = torch.zeros((), device=self.device), 0
                 if do_val:
                     metrics.update(self.validate())
-                    last_val = metrics["val_loss"]
                 if log is not None:
                     log.append(metrics)
-                    self.print_progress(metrics, last_val, run_start, start_step)
+                    self.print_progress(metrics, run_start, start_step)
                 if do_report:
                     self.report(metrics, with_checkpoint=do_ckpt)
                 # samples_per_s measures training only, not validation or checkpoint time.
@@ -339,11 +338,12 @@ class Worker:
             return o.gamma / 2
         return objective.gamma_at(o.gamma_schedule, o.gamma, self.state.step, o.gamma_decay_steps or self.cfg.train.max_steps)
 
-    def print_progress(self, m: dict, last_val: float | None, run_start: float, start_step: int) -> None:
+    def print_progress(self, m: dict, run_start: float, start_step: int) -> None:
+        """One line per logged step (`train.log_every_n_steps`): a steady cadence; val_loss only when just computed."""
         done = m["step"] - start_step
         per_step = (time.perf_counter() - run_start) / max(done, 1)
         eta = per_step * (self.cfg.train.max_steps - m["step"])
-        val = f" | val_loss {last_val:.4f}" if last_val is not None else ""
+        val = f" | val_loss {m['val_loss']:.4f}" if "val_loss" in m else ""
         print(f"[raydiff] step {m['step']}/{self.cfg.train.max_steps} | loss {m['loss']:.4f}{val} | "
               f"{m['samples_per_s']:.1f} samples/s | lr {m['lr']:.2e} | ETA {eta:.0f}s", flush=True)
 
