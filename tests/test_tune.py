@@ -164,7 +164,8 @@ def test_every_trial_is_in_results_with_its_parameters(sweep):
         assert {rec["gamma"] for rec in records} == {float(r["objective.gamma"])}
         assert max(rec["step"] for rec in records) == int(r["steps"])
         assert {rec["lr"] for rec in records if "lr" in rec} == {float(r["optim.lr"])}
-    assert (sweep["dir"] / "results.md").read_text().count("\n| ") == 4
+    table = (sweep["dir"] / "results.md").read_text().splitlines()
+    assert len(table) == 2 + 4 and all(line.startswith("| ") for line in table)  # header, separator, 4 trials
     assert (sweep["dir"] / "sweep.png").read_bytes()[:4] == b"\x89PNG"
 
 
