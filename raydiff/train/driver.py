@@ -37,8 +37,9 @@ class RunOutputs:
     extras: dict[str, str] = field(default_factory=dict)  # further outputs by label: plot, samples, TensorBoard...
 
 
-def init_ray(cfg: Config, concurrent_runs: int = 1) -> None:
-    """Join the cluster we run in (ray job submit sets RAY_ADDRESS), else start a local Ray sized for the run(s)."""
+def init_ray(cfg: Config, num_cpus: float | None = None) -> None:
+    """Join the cluster we run in (ray job submit sets RAY_ADDRESS), else start a local Ray sized for the run
+    (or for `num_cpus`, the need of several concurrent runs)."""
     # Ray Data's progress bars would bury the training progress lines in the driver log.
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     # The controller drains each worker's one-slot report queue at this interval (default 2 s), which bounds how
@@ -53,17 +54,8 @@ def init_ray(cfg: Config, concurrent_runs: int = 1) -> None:
         ray.init(log_to_driver=True)
         return
     # Training workers hold fractional CPUs; make sure Ray Data's preprocessing still gets whole CPUs on a laptop.
-    needed = concurrent_runs * cpus_per_run(cfg)
+    needed = num_cpus or cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 2
     ray.init(num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)), include_dashboard=False)
-
-
-# A run's Ray Data pipeline needs a read task and a preprocessing actor at once, each holding a whole CPU.
-DATA_CPUS_PER_RUN = 2
-
-
-def cpus_per_run(cfg: Config) -> float:
-    """CPUs one run needs to make progress: its training workers plus its data pipeline."""
-    return cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + DATA_CPUS_PER_RUN
 
 
 def data_spec(cfg: Config):

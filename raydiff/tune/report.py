@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from dataclasses import dataclass
 
 from raydiff import storage
@@ -95,14 +96,17 @@ def plot(rows: list[TrialRow], cfg: Config, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    scored = [r for r in rows if r.best_val_loss is not None]
+    lrs = {r.params.get(LR, cfg.optim.lr) for r in scored}
+    # A sampled lr differs in every trial: one line per decade then, else one per lr value.
+    lr_key = (lambda lr: 10.0 ** round(math.log10(lr))) if len(lrs) > 6 else (lambda lr: lr)
     by_lr: dict[float, list[tuple[float, float]]] = {}
-    for r in rows:
-        if r.best_val_loss is not None:
-            gamma, lr = r.params.get(GAMMA, cfg.objective.gamma), r.params.get(LR, cfg.optim.lr)
-            by_lr.setdefault(lr, []).append((gamma, r.best_val_loss))
+    for r in scored:
+        gamma, lr = r.params.get(GAMMA, cfg.objective.gamma), r.params.get(LR, cfg.optim.lr)
+        by_lr.setdefault(lr_key(lr), []).append((gamma, r.best_val_loss))
     for lr, points in sorted(by_lr.items()):
         xs, ys = zip(*sorted(points))
-        left.plot(xs, ys, marker="o", label=f"lr {lr:.2g}")
+        left.plot(xs, ys, marker="o", label=f"lr {'~' if len(lrs) > 6 else ''}{lr:.2g}")
     left.set(xlabel="gamma", ylabel="best val_loss", title="val_loss against gamma")
     for r in rows:
         if r.curve:
@@ -110,7 +114,7 @@ def plot(rows: list[TrialRow], cfg: Config, path: str) -> None:
             right.plot(*zip(*r.curve), marker=".", label=label + (" (stopped)" if r.status == "early-stopped" else ""))
     right.set(xlabel="step", ylabel="val_loss", title="learning curves")
     for ax in (left, right):
-        if ax.get_legend_handles_labels()[0]:
+        if 0 < len(ax.get_legend_handles_labels()[0]) <= 12:  # beyond that a legend hides the curves
             ax.legend(fontsize=7)
     fig.tight_layout()
     buf = io.BytesIO()

@@ -14,11 +14,14 @@ from ray import tune
 
 from raydiff import storage
 from raydiff.config import Config, from_dict, run_dir, set_value, storage_path, validate
-from raydiff.train.driver import cpus_per_run, init_ray, load_cli_config, run_training
+from raydiff.train.driver import init_ray, load_cli_config, run_training
 from raydiff.tune.report import write_sweep_outputs
 
 METRIC, MODE = "val_loss", "min"
 TRIAL_DRIVER_CPUS = 0.01
+# Ray Data budgets each pipeline as if it had the cluster to itself; a trial's pipeline takes a read task plus up to
+# two preprocessing actors (data.pipeline's actor pool), a whole CPU each. Fewer CPUs per trial starve a trial's data.
+TRIAL_DATA_CPUS = 3
 
 
 def param_space(cfg: Config) -> dict:
@@ -56,18 +59,18 @@ def run_trial(params: dict, base: dict, sweep_dir: str) -> None:
     run_training(cfg, callbacks=[TuneReportCallback()])
 
 
+def cpus_per_trial(cfg: Config) -> float:
+    return cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + TRIAL_DATA_CPUS + TRIAL_DRIVER_CPUS
+
+
 def max_concurrent_trials(cfg: Config, cluster: dict | None = None) -> int:
     """`tune.max_concurrent_trials`, else as many trials as the cluster holds at once: its GPUs divided by a trial's
-    GPUs on GPU clusters, else its CPUs divided by a trial's workers plus its data pipeline (Ray Data deadlocks if
-    trials start that it cannot feed)."""
+    GPUs on GPU clusters, else its CPUs divided by a trial's workers plus its data pipeline."""
     if cfg.tune.max_concurrent_trials:
         return cfg.tune.max_concurrent_trials
     have = cluster if cluster is not None else ray.cluster_resources()
     s = cfg.scaling
-    if s.use_gpu:
-        fits = have.get("GPU", 0) / (s.num_workers * s.gpus_per_worker)
-    else:
-        fits = have.get("CPU", 0) / cpus_per_run(cfg)
+    fits = have.get("GPU", 0) / (s.num_workers * s.gpus_per_worker) if s.use_gpu else have.get("CPU", 0) / cpus_per_trial(cfg)
     return max(1, math.floor(fits + 1e-9))
 
 
@@ -111,7 +114,7 @@ def build_tuner(cfg: Config, sweep_dir: str) -> tune.Tuner:
 def run_sweep(cfg: Config):
     # Train reports val_loss only on validation steps; Tune's scheduler skips the reports without it.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    init_ray(cfg, concurrent_runs=cfg.tune.max_concurrent_trials or 1)
+    init_ray(cfg, num_cpus=(cfg.tune.max_concurrent_trials or 1) * cpus_per_trial(cfg))
     from raydiff import models
 
     models.resolve_pretrained(cfg.model.pretrained)  # build/cache the tiny model once, before trials race for it
