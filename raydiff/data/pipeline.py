@@ -1,4 +1,4 @@
-"""Ray Data pipeline: HF-style parquet → SDXL training rows (pixels, input_ids, input_ids_2, time_ids).
+"""Ray Data pipeline: a dataset source (see ``sources``) → SDXL training rows (pixels, input_ids, input_ids_2, time_ids).
 
 Split: a row is in "val" iff crc32(image bytes) <= a cutoff; the cutoff is the largest hash that keeps at most
 ``val_max_samples`` rows among those with hash < ``val_fraction``·2³². It depends only on the data (not on the
@@ -11,8 +11,6 @@ worker, batch size or read order.
 from __future__ import annotations
 
 import bisect
-import contextlib
-import glob
 import logging
 import os
 from dataclasses import dataclass, replace
@@ -23,6 +21,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
+from raydiff.data import sources, stats
+from raydiff.data.sources import FILE_COLUMN
 from raydiff.data.transforms import (
     ImageDecodeError,
     apply_crop,
@@ -36,17 +36,17 @@ from raydiff.data.transforms import (
 logger = logging.getLogger(__name__)
 
 OUTPUT_COLUMNS = ("pixels", "input_ids", "input_ids_2", "time_ids")
-FILE_COLUMN = "_file"  # source parquet file, kept only to name bad rows in messages
 KEY_COLUMN = "_key"  # crc32 sample key (int64)
 _HASH_SPACE = 2**32
-_GLOB_CHARS = set("*?[")
+MAX_LOGGED_SKIPS = 5  # per preprocessing actor; every skip is counted, only the first few are logged
 
 
 @dataclass
 class DataSpec:
     """What to read and how to preprocess it; filled by the caller from the config."""
 
-    source: str  # local dir / file / glob of parquet, or a URI read_parquet understands (s3://...)
+    source: str  # local file / dir / glob, or an s3:// / gs:// URI
+    format: str | None = None  # parquet | imagefolder | webdataset; None: detected from the files
     image_column: str = "image"
     caption_column: str = "text"
     resolution: int = 64
@@ -56,6 +56,8 @@ class DataSpec:
     val_max_samples: int = 16
     seed: int = 0
     on_error: str = "skip"  # skip | raise
+    max_aspect_ratio: float = 4.0  # long/short side above this: skipped
+    stats_actor: str | None = None  # name of the run's DataStats actor (raydiff.data.stats.create)
     batch_size: int = 32  # rows per preprocessing call
     concurrency: int | tuple[int, int] = (1, 2)  # (min, max) preprocessing actors per split, or a fixed size
 
@@ -66,6 +68,8 @@ class DataSpec:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.resolution <= 0 or self.batch_size <= 0 or self.val_max_samples < 0:
             raise ValueError("resolution and batch_size must be > 0, val_max_samples >= 0")
+        if self.max_aspect_ratio < 1:
+            raise ValueError(f"max_aspect_ratio must be >= 1, got {self.max_aspect_ratio}")
 
 
 class RowError(ValueError):
@@ -75,54 +79,9 @@ class RowError(ValueError):
 # ---------------------------------------------------------------- reading
 
 
-def resolve_source(source: str) -> str | list[str]:
-    """Expand globs and absolutise local paths (Ray workers need not share the driver's cwd)."""
-    if "://" in source:
-        return source
-    if _GLOB_CHARS & set(source):
-        files = sorted(os.path.abspath(p) for p in glob.glob(source, recursive=True))
-        if not files:
-            raise FileNotFoundError(f"no files match {source!r}")
-        return files
-    if not os.path.exists(source):
-        raise FileNotFoundError(f"data source {source!r} does not exist")
-    return os.path.abspath(source)
-
-
-@contextlib.contextmanager
-def _parquet_reader_for(paths: str | list[str]) -> Iterator[None]:
-    """Use Ray's V1 parquet reader for local files.
-
-    Ray Data 2.60's default (V2) reader starts 32 footer-reading actors for every pass over the data, built for
-    cloud stores; for local files that costs seconds and GBs of worker RAM per epoch. V1 reads local footers
-    on the driver instead. Remote URIs keep Ray's default. The flag is restored right after the (lazy) read call.
-    """
-    ctx = ray.data.DataContext.get_current()
-    remote = any("://" in p for p in ([paths] if isinstance(paths, str) else paths))
-    if remote or not hasattr(ctx, "use_datasource_v2"):
-        yield
-        return
-    previous = ctx.use_datasource_v2
-    ctx.use_datasource_v2 = False
-    try:
-        yield
-    finally:
-        ctx.use_datasource_v2 = previous
-
-
 def read_source(spec: DataSpec) -> ray.data.Dataset:
-    """Read the parquet source, keeping the image and caption columns plus the source file name."""
-    paths = resolve_source(spec.source)
-    with _parquet_reader_for(paths):
-        ds = ray.data.read_parquet(paths, include_paths=True)
-    names = ds.schema().names
-    missing = [c for c in (spec.image_column, spec.caption_column) if c not in names]
-    if missing:
-        raise KeyError(f"column(s) {missing} not in {spec.source!r}; available: {names}")
-    # include_paths adds "path" unless the data already has one; either way it only labels rows in messages.
-    return ds.select_columns([spec.image_column, spec.caption_column, "path"]).rename_columns(
-        {"path": FILE_COLUMN}
-    )
+    """Read the source as rows of (image column, caption column, source file label)."""
+    return sources.read(spec.source, spec.format, spec.image_column, spec.caption_column)[0]
 
 
 # ---------------------------------------------------------------- row helpers (pure)
@@ -156,10 +115,14 @@ def describe_row(key: int, path: str | None, file: str | None) -> str:
     return f"row key={key:#010x} image_path={path!r} file={file!r}"
 
 
-def load_bytes(data: bytes | None, path: str | None) -> bytes:
-    """The row's image bytes; falls back to reading ``path`` when bytes are absent and the file exists."""
+def load_bytes(data: bytes | None, path: str | None, filesystem: Any = None) -> bytes:
+    """The row's image bytes; without bytes, reads ``path`` through ``filesystem`` (image folders) or, with no
+    filesystem, from local disk when that file exists (parquet rows whose struct holds only a path)."""
     if data:
         return data
+    if path and filesystem is not None:
+        with filesystem.open_input_file(path) as f:
+            return f.read()
     if path and os.path.isfile(path):
         with open(path, "rb") as f:
             return f.read()
@@ -256,6 +219,9 @@ class Preprocessor:
         seed: int = 0,
         epoch: int | None = 0,
         on_error: str = "skip",
+        max_aspect_ratio: float | None = None,
+        filesystem: Any = None,
+        stats_actor: str | None = None,
     ) -> None:
         from transformers import CLIPTokenizer  # imported here: only actors pay for it
 
@@ -265,7 +231,10 @@ class Preprocessor:
         self.image_column, self.caption_column = image_column, caption_column
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
         self.seed, self.epoch, self.on_error = seed, epoch, on_error
+        self.max_aspect_ratio, self.filesystem, self.stats_actor = max_aspect_ratio, filesystem, stats_actor
         self.num_skipped = 0
+        self._counts: dict[str, int] = {}  # this batch's counters, flushed to the stats actor per batch
+        self._examples: list[str] = []
 
     def _current_epoch(self) -> int:
         if self.epoch is not None:
@@ -275,8 +244,10 @@ class Preprocessor:
         return int(getattr(DataContext.get_current(), "_execution_idx", 0))
 
     def _sample(self, data: bytes | None, path: str | None, key: int, epoch: int):
-        img = decode_image(load_bytes(data, path))
+        img = decode_image(load_bytes(data, path, self.filesystem), self.max_aspect_ratio)
         w, h = img.size
+        if min(w, h) < self.resolution:
+            self._count("data_upscaled")
         plan = plan_crop(w, h, self.resolution, self.center_crop, self.random_flip, sample_rng(self.seed, epoch, key))
         return apply_crop(img, plan, self.resolution), time_ids(h, w, plan, self.resolution)
 
@@ -284,7 +255,17 @@ class Preprocessor:
         if self.on_error == "raise":
             raise RowError(f"cannot preprocess {what}: {err}") from err
         self.num_skipped += 1
-        logger.warning("skipping %s: %s (%d skipped by this worker)", what, err, self.num_skipped)
+        self._count("data_skipped")
+        if self.num_skipped <= MAX_LOGGED_SKIPS:
+            logger.warning("skipping %s: %s (%d skipped by this worker)", what, err, self.num_skipped)
+            self._examples.append(f"{what}: {err}")
+
+    def _count(self, name: str) -> None:
+        self._counts[name] = self._counts.get(name, 0) + 1
+
+    def _flush_counts(self) -> None:
+        stats.record(self.stats_actor, self._counts, self._examples)
+        self._counts, self._examples = {}, []
 
     def _tokenize(self, captions: list[str]) -> list[np.ndarray]:
         out = []
@@ -312,7 +293,10 @@ class Preprocessor:
                 continue
             pixels.append(px)
             tids.append(t)
+            if c is None:
+                self._count("data_null_captions")
             kept.append(caption_text(c))
+        self._flush_counts()
         r = self.resolution
         ids, ids_2 = self._tokenize(kept)
         return {
@@ -333,7 +317,8 @@ def _actor_pool(concurrency: int | tuple[int, int] | list[int]) -> ray.data.Acto
 
 def _split_dataset(spec: DataSpec, tokenizer_path: str, epoch: int | None, cutoff: int, val: bool):
     # A fresh read per split: each gets its own DataContext, so val's preserve_order doesn't leak into train.
-    ds = read_source(spec).map_batches(
+    ds, src = sources.read(spec.source, spec.format, spec.image_column, spec.caption_column)
+    ds = ds.map_batches(
         _select_split,
         batch_format="pyarrow",
         fn_kwargs={"image_column": spec.image_column, "cutoff": cutoff, "val": val},
@@ -353,6 +338,10 @@ def _split_dataset(spec: DataSpec, tokenizer_path: str, epoch: int | None, cutof
             "seed": spec.seed,
             "epoch": epoch,
             "on_error": spec.on_error,
+            "max_aspect_ratio": spec.max_aspect_ratio,
+            # Only image-folder rows are paths to read; parquet structs' paths are labels (or local files).
+            "filesystem": src.filesystem if src.format == "imagefolder" else None,
+            "stats_actor": spec.stats_actor,
         },
     )
 

@@ -140,12 +140,27 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, ...
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Decode image bytes to an upright RGB image; raises ImageDecodeError with the reason on failure."""
+def check_aspect_ratio(w: int, h: int, max_aspect_ratio: float) -> None:
+    ratio = max(w, h) / max(min(w, h), 1)
+    if ratio > max_aspect_ratio:
+        raise ImageDecodeError(f"aspect ratio {ratio:.2f} ({w}x{h}) exceeds data.max_aspect_ratio {max_aspect_ratio}")
+
+
+def decode_image(data: bytes, max_aspect_ratio: float | None = None) -> Image.Image:
+    """Decode image bytes to an upright RGB image; raises ImageDecodeError with the reason on failure.
+
+    ``max_aspect_ratio`` is checked on the header, before the pixels are decoded: a 40:1 panorama would need a
+    huge buffer once its short side is resized to the training resolution.
+    """
     if not data:
         raise ImageDecodeError("empty image bytes")
     try:
         img = Image.open(io.BytesIO(data))
+    except Exception as e:
+        raise ImageDecodeError(f"cannot decode image ({len(data)} bytes): {type(e).__name__}: {e}") from e
+    if max_aspect_ratio is not None:
+        check_aspect_ratio(*img.size, max_aspect_ratio)
+    try:
         img.load()  # force the full decode here so truncated files fail now, not mid-resize
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
         raise ImageDecodeError(f"cannot decode image ({len(data)} bytes): {type(e).__name__}: {e}") from e
