@@ -95,6 +95,7 @@ class ModelSection:
 @dataclass
 class DataSection:
     source: Optional[str] = None  # None: the generated demo dataset
+    format: Optional[str] = None  # parquet | imagefolder | webdataset; None: detected from the files
     image_column: str = "image"
     caption_column: str = "text"
     resolution: int = 64
@@ -103,6 +104,7 @@ class DataSection:
     val_fraction: float = 0.05
     val_max_samples: int = 16
     on_error: str = "skip"  # skip | raise
+    max_aspect_ratio: float = 4.0  # images with long/short side above this are skipped
     demo_num_images: int = 320
 
 
@@ -311,6 +313,7 @@ _CHOICES = {
     "optim.optimizer": ("adamw", "adafactor"),
     "optim.lr_scheduler": ("constant", "cosine", "linear"),
     "data.on_error": ("skip", "raise"),
+    "data.format": (None, "parquet", "imagefolder", "webdataset"),
 }
 
 _POSITIVE = ("scaling.num_workers", "train.max_steps", "train.batch_size", "train.grad_accum", "optim.lr",
@@ -337,6 +340,7 @@ def validate(cfg: Config) -> Config:
         _check(cfg.get(key) >= 0, key, f"must be >= 0, got {cfg.get(key)!r}")
     _check(cfg.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", f"must be 0, 1, 2 or 3, got {cfg.deepspeed.zero_stage}")
     _check(cfg.data.resolution % 8 == 0, "data.resolution", f"must be a multiple of 8 (the VAE factor), got {cfg.data.resolution}")
+    _check(cfg.data.max_aspect_ratio >= 1, "data.max_aspect_ratio", f"must be >= 1, got {cfg.data.max_aspect_ratio}")
     _check(0 < cfg.data.val_fraction < 1, "data.val_fraction", f"must be in (0, 1), got {cfg.data.val_fraction}")
     _check(all(0 <= t < 1000 for t in cfg.validation.timesteps) and cfg.validation.timesteps,
            "validation.timesteps", f"must be a non-empty list of timesteps in [0, 1000), got {cfg.validation.timesteps}")

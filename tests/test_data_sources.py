@@ -214,3 +214,71 @@ def test_missing_columns_and_unknown_layout_are_clear(tmp_path):
     (tmp_path / "q" / "a.txt").write_text("x")
     with pytest.raises(ValueError, match="data.format"):
         sources.resolve(str(tmp_path / "q"))
+
+
+# ------------------------------------------------------------------------------------------------ hostile input
+
+
+def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def hostile_rows() -> tuple[list[dict], dict[str, int]]:
+    """Rows covering every hostile case, and the counts the data path must report for them."""
+    ok = _png(24, 20)
+    rows = [
+        ("truncated.png", ok[: len(ok) // 2], "cut off"),
+        ("garbage.png", b"not an image at all", "garbage"),
+        ("panorama.png", _png(100, 20), "5:1 is over the default 4"),
+        ("wide_ok.png", _png(80, 20), "exactly 4:1 is kept"),
+        ("cmyk.jpg", _encode(Image.new("CMYK", (20, 20), (0, 255, 255, 0)), "JPEG"), "cmyk"),
+        ("grey.png", _png(20, 20, "L", 90), "grey"),
+        ("grey_alpha.png", _png(20, 20, "LA", (90, 128)), "grey alpha"),
+        ("palette.png", _encode(Image.new("P", (20, 20), 3), "PNG"), "palette"),
+        ("rgba.png", _png(20, 21, "RGBA", (0, 0, 255, 0)), "transparent blue"),
+        ("deep.png", _encode(Image.fromarray(np.full((23, 20), 40000, np.uint16)), "PNG"), "16 bit"),
+        ("tiny.png", _png(6, 5), "smaller than the resolution"),
+        ("nocaption.png", _png(20, 22), None),
+    ]
+    table = [{"image": {"bytes": b, "path": n}, "text": c} for n, b, c in rows]
+    return table, {"data_skipped": 3, "data_upscaled": 1, "data_null_captions": 1}
+
+
+def _write_hostile(d: str) -> str:
+    rows, _ = hostile_rows()
+    os.makedirs(d, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), os.path.join(d, "hostile.parquet"))
+    return d
+
+
+def test_hostile_rows_are_converted_skipped_and_counted(ray_local, tiny_sdxl, tmp_path):
+    name = stats.create()
+    cols = _train(_spec(_write_hostile(str(tmp_path / "h")), stats_actor=name), tiny_sdxl)
+    _, want = hostile_rows()
+    assert len(cols["pixels"]) == 12 - want["data_skipped"]
+    snap = stats.snapshot(name)
+    assert {k: snap[k] for k in want} == want
+    reasons = " | ".join(snap["examples"])
+    for label in ("truncated.png", "garbage.png", "panorama.png", "max_aspect_ratio"):
+        assert label in reasons
+    by_size = {(int(t[0]), int(t[1])): px for t, px in zip(cols["time_ids"], cols["pixels"])}
+    assert (by_size[(21, 20)] == 255).all()  # transparent blue composites to white, not blue or black
+    assert (by_size[(23, 20)] == 156).all()  # 16-bit 40000/65535 rescaled, not clipped to 255
+
+
+def test_max_aspect_ratio_is_configurable_and_raise_names_the_row(ray_local, tiny_sdxl, tmp_path):
+    d = _write_hostile(str(tmp_path / "h"))
+    name = stats.create()
+    cols = _train(_spec(d, max_aspect_ratio=6.0, stats_actor=name), tiny_sdxl)
+    assert len(cols["pixels"]) == 10 and stats.snapshot(name)["data_skipped"] == 2  # the panorama is kept now
+    with pytest.raises(Exception, match=r"truncated\.png.*cannot decode image"):
+        _train(_spec(d, on_error="raise"), tiny_sdxl)
+
+
+def test_every_row_bad_gives_a_clear_error():
+    from raydiff.data.stats import no_data_error
+
+    err = no_data_error(None, "train")
+    assert "no samples" in str(err) and "data.source" in str(err)

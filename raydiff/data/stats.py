@@ -37,15 +37,21 @@ class DataStats:
         return {**self.counts, "examples": list(self.examples)}
 
 
+_HANDLES: dict = {}  # per process; in the creating process this also keeps the actor alive (Ray kills an
+# actor, named or not, once no handle to it is left)
+
+
 def create() -> str:
     """Start a fresh counter actor for one run and return its name (it lives as long as the driver)."""
     name = f"data-stats-{uuid.uuid4().hex[:12]}"
-    DataStats.options(name=name, namespace=NAMESPACE).remote()
+    _HANDLES[name] = DataStats.options(name=name, namespace=NAMESPACE).remote()
     return name
 
 
 def _actor(name: str):
-    return ray.get_actor(name, namespace=NAMESPACE)
+    if name not in _HANDLES:
+        _HANDLES[name] = ray.get_actor(name, namespace=NAMESPACE)
+    return _HANDLES[name]
 
 
 def record(name: str | None, counts: dict[str, int], examples: list[str]) -> None:

@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from raydiff import models, objective, storage
 from raydiff.config import Config, from_dict
+from raydiff.data import stats as data_stats
 from raydiff.train.deepspeed_setup import PRECISION_DTYPES, build_lr_scheduler, build_optimizer, deepspeed_config
 from raydiff.train.metrics_log import MetricsLog
 
@@ -64,6 +65,7 @@ class Worker:
         self.device = ray.train.torch.get_device()
         self.dtype = PRECISION_DTYPES[cfg.deepspeed.precision]
         self.state = TrainState()
+        self.data_stats: str | None = None  # the run's data counter actor (raydiff.data.stats)
 
     # ------------------------------------------------------------ set-up
 
@@ -135,7 +137,7 @@ class Worker:
         shard = ray.train.get_dataset_shard("val")
         self.val_batches = [self.encode(b, gen) for b in shard.iter_torch_batches(batch_size=self.cfg.validation.batch_size)]
         if not self.val_batches:
-            raise RuntimeError("the validation split is empty: raise data.val_fraction or add data")
+            raise data_stats.no_data_error(self.data_stats, "validation")
 
     def validate(self) -> float:
         """Unperturbed loss (gamma = 0) at fixed timesteps with fixed noise: comparable across runs with any gamma.
@@ -198,8 +200,10 @@ class Worker:
                 log.append(baseline)
             ray.train.report(baseline)
         while self.state.step < cfg.train.max_steps:
+            epoch_batches = 0  # an epoch without one batch would loop forever: every row was bad
             for batch in shard.iter_torch_batches(batch_size=cfg.train.batch_size, drop_last=True,
                                                   prefetch_batches=cfg.train.prefetch_batches):
+                epoch_batches += 1
                 loss_sum += self.train_micro_step(batch, micro)
                 loss_count += 1
                 micro += 1
@@ -228,6 +232,8 @@ class Worker:
                     self.report(metrics, with_checkpoint=do_ckpt)
                 if is_last:
                     break
+            if not epoch_batches:
+                raise data_stats.no_data_error(self.data_stats, "train")
             self.state.epoch += 1
 
     def step_metrics(self, mean_loss: torch.Tensor, window_start: float, window_steps: int, global_batch: int) -> dict:
@@ -236,7 +242,7 @@ class Worker:
         elapsed = max(time.perf_counter() - window_start, 1e-9)
         return {"step": self.state.step, "epoch": self.state.epoch, "loss": loss.item() / self.world,
                 "lr": self.lr_scheduler.get_last_lr()[0], "samples_per_s": window_steps * global_batch / elapsed,
-                "gamma": self.cfg.objective.gamma, "time": time.time()}
+                "gamma": self.cfg.objective.gamma, "time": time.time(), **data_stats.metrics(self.data_stats)}
 
     def print_progress(self, m: dict, last_val: float | None, run_start: float, start_step: int) -> None:
         done = m["step"] - start_step
@@ -262,6 +268,7 @@ class Worker:
 def train_loop_per_worker(loop_config: dict) -> None:
     cfg = from_dict(loop_config["config"])
     worker = Worker(cfg, loop_config["run_dir"])
+    worker.data_stats = loop_config.get("data_stats")
     worker.setup()
     worker.restore()
     worker.load_validation()
