@@ -41,6 +41,13 @@ def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
 
 _fs = filesystem
 
+CLOUD_ENV_PREFIXES = ("AWS_", "GOOGLE_", "GCS_")
+
+
+def cloud_env() -> dict[str, str]:
+    """The object-store variables of this process, for Ray workers of a cluster started before they were set."""
+    return {k: v for k, v in os.environ.items() if k.startswith(CLOUD_ENV_PREFIXES)}
+
 
 def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *parts]) if is_uri(base) else os.path.join(base, *parts)

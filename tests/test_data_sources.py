@@ -6,7 +6,6 @@ import csv
 import io
 import json
 import os
-import socket
 import tarfile
 
 import numpy as np
@@ -84,32 +83,6 @@ FORMAT = {"parquet_struct_dir": "parquet", "parquet_binary_glob": "parquet", "im
 
 
 # ------------------------------------------------------------------------------------------------ S3 server
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3_bucket():
-    """A moto S3 server on loopback with one bucket; AWS_* variables point this process at it."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in env.items():
-            mp.setenv(k, v)
-        import boto3
-
-        boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket="raydiff-data")
-        yield "s3://raydiff-data"
-    server.stop()
 
 
 def upload(local_dir: str, uri: str) -> None:

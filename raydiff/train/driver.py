@@ -17,7 +17,7 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from raydiff import models, storage
-from raydiff.config import Config, ConfigError, load_config, run_dir, storage_path
+from raydiff.config import Config, ConfigError, is_uri, load_config, run_dir, storage_path
 from raydiff.train.loop import train_loop_per_worker
 
 
@@ -80,14 +80,18 @@ def build_trainer(cfg: Config, callbacks: list | None = None) -> TorchTrainer:
     datasets = build_datasets(data_spec(cfg, stats_actor), tokenizer_path=models.resolve_pretrained(cfg.model.pretrained),
                               epoch=None)
     s = cfg.scaling
+    # An explicit filesystem carries the endpoint and credentials to Ray Train's controller and workers.
+    store_fs, store_path = storage.filesystem(storage_path(cfg)) if is_uri(storage_path(cfg)) else (None, storage_path(cfg))
     resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "run_dir": run_dir(cfg), "data_stats": stats_actor},
+        train_loop_config={"config": cfg.to_dict(), "run_dir": run_dir(cfg), "data_stats": stats_actor,
+                           "cloud_env": storage.cloud_env() if is_uri(storage_path(cfg)) else {}},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=cfg.run.name,
-            storage_path=storage_path(cfg),
+            storage_path=store_path,
+            storage_filesystem=store_fs,
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
             callbacks=callbacks,

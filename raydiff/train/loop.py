@@ -267,6 +267,7 @@ class Worker:
 
 def train_loop_per_worker(loop_config: dict) -> None:
     cfg = from_dict(loop_config["config"])
+    os.environ.update(loop_config.get("cloud_env") or {})  # run-dir files on an object store (raydiff.storage)
     worker = Worker(cfg, loop_config["run_dir"])
     worker.data_stats = loop_config.get("data_stats")
     worker.setup()
