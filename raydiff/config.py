@@ -105,6 +105,9 @@ class DataSection:
     val_max_samples: int = 16
     on_error: str = "skip"  # skip | raise
     max_aspect_ratio: float = 4.0  # images with long/short side above this are skipped
+    # Aspect-ratio buckets: [] = square crops at `resolution`; [sdxl] = the SDXL list scaled to `resolution`;
+    # or WIDTHxHEIGHT sizes, e.g. [1024x1024, 1152x896, 896x1152].
+    buckets: list[str] = field(default_factory=list)
     demo_num_images: int = 320
 
 
@@ -341,6 +344,12 @@ def validate(cfg: Config) -> Config:
     _check(cfg.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", f"must be 0, 1, 2 or 3, got {cfg.deepspeed.zero_stage}")
     _check(cfg.data.resolution % 8 == 0, "data.resolution", f"must be a multiple of 8 (the VAE factor), got {cfg.data.resolution}")
     _check(cfg.data.max_aspect_ratio >= 1, "data.max_aspect_ratio", f"must be >= 1, got {cfg.data.max_aspect_ratio}")
+    try:
+        from raydiff.data.buckets import parse_buckets
+
+        parse_buckets(cfg.data.buckets, cfg.data.resolution)
+    except ValueError as exc:
+        raise ConfigError(f"config key 'data.buckets' {exc}") from None
     _check(0 < cfg.data.val_fraction < 1, "data.val_fraction", f"must be in (0, 1), got {cfg.data.val_fraction}")
     _check(all(0 <= t < 1000 for t in cfg.validation.timesteps) and cfg.validation.timesteps,
            "validation.timesteps", f"must be a non-empty list of timesteps in [0, 1000), got {cfg.validation.timesteps}")

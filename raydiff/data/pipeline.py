@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 import ray
 
 from raydiff.data import sources, stats
+from raydiff.data.buckets import BUCKET_COLUMN, closest_bucket
 from raydiff.data.sources import FILE_COLUMN
 from raydiff.data.transforms import (
     ImageDecodeError,
@@ -58,6 +59,7 @@ class DataSpec:
     on_error: str = "skip"  # skip | raise
     max_aspect_ratio: float = 4.0  # long/short side above this: skipped
     stats_actor: str | None = None  # name of the run's DataStats actor (raydiff.data.stats.create)
+    buckets: tuple[tuple[int, int], ...] = ()  # (width, height) aspect-ratio buckets; () = square crops
     batch_size: int = 32  # rows per preprocessing call
     concurrency: int | tuple[int, int] = (1, 2)  # (min, max) preprocessing actors per split, or a fixed size
 
@@ -222,6 +224,7 @@ class Preprocessor:
         max_aspect_ratio: float | None = None,
         filesystem: Any = None,
         stats_actor: str | None = None,
+        buckets: tuple[tuple[int, int], ...] = (),
     ) -> None:
         from transformers import CLIPTokenizer  # imported here: only actors pay for it
 
@@ -232,6 +235,7 @@ class Preprocessor:
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
         self.seed, self.epoch, self.on_error = seed, epoch, on_error
         self.max_aspect_ratio, self.filesystem, self.stats_actor = max_aspect_ratio, filesystem, stats_actor
+        self.buckets = [tuple(b) for b in buckets]
         self.num_skipped = 0
         self._counts: dict[str, int] = {}  # this batch's counters, flushed to the stats actor per batch
         self._examples: list[str] = []
@@ -246,10 +250,12 @@ class Preprocessor:
     def _sample(self, data: bytes | None, path: str | None, key: int, epoch: int):
         img = decode_image(load_bytes(data, path, self.filesystem), self.max_aspect_ratio)
         w, h = img.size
-        if min(w, h) < self.resolution:
+        bucket = closest_bucket(w, h, self.buckets) if self.buckets else -1
+        size = self.buckets[bucket] if self.buckets else self.resolution
+        plan = plan_crop(w, h, size, self.center_crop, self.random_flip, sample_rng(self.seed, epoch, key))
+        if plan.resized_w > w:
             self._count("data_upscaled")
-        plan = plan_crop(w, h, self.resolution, self.center_crop, self.random_flip, sample_rng(self.seed, epoch, key))
-        return apply_crop(img, plan, self.resolution), time_ids(h, w, plan, self.resolution)
+        return apply_crop(img, plan, size), time_ids(h, w, plan, size), bucket
 
     def _skip_or_raise(self, what: str, err: Exception) -> None:
         if self.on_error == "raise":
@@ -284,27 +290,40 @@ class Preprocessor:
         files = batch[FILE_COLUMN].to_pylist() if FILE_COLUMN in batch.column_names else [None] * len(data)
         keys = row_keys(batch, self.image_column)
         epoch = self._current_epoch()
-        pixels, tids, kept = [], [], []
+        pixels, tids, kept, buckets = [], [], [], []
         for d, p, f, k, c in zip(data, paths, files, keys, captions):
             try:
-                px, t = self._sample(d, p, int(k), epoch)
+                px, t, b = self._sample(d, p, int(k), epoch)
             except (ValueError, OSError) as e:  # ImageDecodeError is a ValueError; OSError: unreadable path
                 self._skip_or_raise(describe_row(int(k), p, f), e)
                 continue
             pixels.append(px)
             tids.append(t)
+            buckets.append(b)
             if c is None:
                 self._count("data_null_captions")
             kept.append(caption_text(c))
         self._flush_counts()
         r = self.resolution
         ids, ids_2 = self._tokenize(kept)
-        return {
-            "pixels": np.stack(pixels) if pixels else np.zeros((0, 3, r, r), dtype=np.uint8),
+        out = {
+            "pixels": _stack(pixels) if pixels else np.zeros((0, 3, r, r), dtype=np.uint8),
             "input_ids": ids,
             "input_ids_2": ids_2,
             "time_ids": np.asarray(tids, dtype=np.float32).reshape(-1, 6),
         }
+        if self.buckets:  # batches are regrouped by this column on the training workers (buckets.torch_batches)
+            out[BUCKET_COLUMN] = np.asarray(buckets, dtype=np.int64)
+        return out
+
+
+def _stack(arrays: list[np.ndarray]) -> np.ndarray:
+    """One array when all shapes agree; else an object array, which Ray stores as a variable-shaped tensor."""
+    if len({a.shape for a in arrays}) == 1:
+        return np.stack(arrays)
+    out = np.empty(len(arrays), dtype=object)
+    out[:] = arrays
+    return out
 
 
 def _actor_pool(concurrency: int | tuple[int, int] | list[int]) -> ray.data.ActorPoolStrategy:
@@ -342,6 +361,7 @@ def _split_dataset(spec: DataSpec, tokenizer_path: str, epoch: int | None, cutof
             # Only image-folder rows are paths to read; parquet structs' paths are labels (or local files).
             "filesystem": src.filesystem if src.format == "imagefolder" else None,
             "stats_actor": spec.stats_actor,
+            "buckets": spec.buckets,
         },
     )
 
@@ -358,7 +378,8 @@ def build_datasets(spec: DataSpec, tokenizer_path: str, epoch: int | None = 0) -
     """
     cutoff = compute_val_cutoff(spec)
     train = _split_dataset(spec, tokenizer_path, epoch, cutoff, val=False)
-    val_spec = replace(spec, center_crop=True, random_flip=False)
+    # Val stays square (center crop at data.resolution): its batches are encoded once, in a fixed order.
+    val_spec = replace(spec, center_crop=True, random_flip=False, buckets=())
     val = _split_dataset(val_spec, tokenizer_path, 0, cutoff, val=True)
     val.context.execution_options.preserve_order = True
     return {"train": train, "val": val}

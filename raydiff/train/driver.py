@@ -51,6 +51,7 @@ def init_ray(cfg: Config) -> None:
 
 
 def data_spec(cfg: Config, stats_actor: str | None = None):
+    from raydiff.data.buckets import parse_buckets
     from raydiff.data.demo import ensure_demo_dataset
     from raydiff.data.pipeline import DataSpec
 
@@ -60,7 +61,7 @@ def data_spec(cfg: Config, stats_actor: str | None = None):
                     resolution=d.resolution, center_crop=d.center_crop, random_flip=d.random_flip,
                     val_fraction=d.val_fraction, val_max_samples=d.val_max_samples, seed=cfg.train.seed,
                     on_error=d.on_error, format=d.format, max_aspect_ratio=d.max_aspect_ratio,
-                    stats_actor=stats_actor)
+                    stats_actor=stats_actor, buckets=tuple(parse_buckets(d.buckets, d.resolution)))
 
 
 def _ordered():

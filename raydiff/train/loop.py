@@ -24,6 +24,7 @@ import torch.distributed as dist
 from raydiff import models, objective, storage
 from raydiff.config import Config, from_dict
 from raydiff.data import stats as data_stats
+from raydiff.data.buckets import torch_batches
 from raydiff.train.deepspeed_setup import PRECISION_DTYPES, build_lr_scheduler, build_optimizer, deepspeed_config
 from raydiff.train.metrics_log import MetricsLog
 
@@ -201,8 +202,7 @@ class Worker:
             ray.train.report(baseline)
         while self.state.step < cfg.train.max_steps:
             epoch_batches = 0  # an epoch without one batch would loop forever: every row was bad
-            for batch in shard.iter_torch_batches(batch_size=cfg.train.batch_size, drop_last=True,
-                                                  prefetch_batches=cfg.train.prefetch_batches):
+            for batch in torch_batches(shard, cfg.train.batch_size, cfg.train.prefetch_batches, bool(cfg.data.buckets)):
                 epoch_batches += 1
                 loss_sum += self.train_micro_step(batch, micro)
                 loss_count += 1
