@@ -9,10 +9,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 from raydiff import config as C
-from raydiff.data.buckets import SDXL_BUCKETS_1024, bucket_batches, closest_bucket, parse_buckets
+from raydiff.data.buckets import SDXL_BUCKETS_1024, bucket_batches, closest_bucket, parse_buckets, torch_batches
 from raydiff.data.pipeline import DataSpec, _stack, build_datasets
 from raydiff.data.transforms import apply_crop, plan_crop, sample_rng, time_ids
 
@@ -93,10 +94,18 @@ def test_preprocessor_assigns_buckets(ray_local, tiny_sdxl, tmp_path):
                              "text": ["x"] * len(sizes)}), str(d / "b.parquet"))
     buckets = ((32, 32), (48, 24), (24, 48))
     spec = DataSpec(source=str(d), resolution=32, val_fraction=0.0, batch_size=4, buckets=buckets)
-    rows = build_datasets(spec, tiny_sdxl)["train"].take_all()
+    ds = build_datasets(spec, tiny_sdxl)["train"]
+    rows = ds.take_all()
     assert len(rows) == len(sizes)
     for r in rows:
         oh, ow = int(r["time_ids"][0]), int(r["time_ids"][1])
         bw, bh = buckets[int(r["bucket"])]
         assert int(r["bucket"]) == closest_bucket(ow, oh, list(buckets))
         assert r["pixels"].shape == (3, bh, bw) and tuple(r["time_ids"][4:]) == (bh, bw)
+    # What a training worker gets: torch batches of one bucket each (Dataset and shard share iter_batches).
+    batches = list(torch_batches(ds, 2, 1, bucketed=True))
+    assert batches and sum(len(b["bucket"]) for b in batches) <= len(sizes)
+    for b in batches:
+        assert len(set(b["bucket"].tolist())) == 1 and b["pixels"].dtype == torch.uint8
+        bw, bh = buckets[int(b["bucket"][0])]
+        assert tuple(b["pixels"].shape) == (2, 3, bh, bw) and b["time_ids"].shape == (2, 6)
