@@ -14,7 +14,7 @@ import bisect
 import logging
 import os
 from dataclasses import dataclass, replace
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
