@@ -103,6 +103,7 @@ class ModelSection:
 @dataclass
 class DataSection:
     source: Optional[str] = None  # None: the generated demo dataset
+    format: Optional[str] = None  # parquet | imagefolder | webdataset; None: detected from the files
     image_column: str = "image"
     caption_column: str = "text"
     resolution: int = 64
@@ -111,6 +112,10 @@ class DataSection:
     val_fraction: float = 0.05
     val_max_samples: int = 16
     on_error: str = "skip"  # skip | raise
+    max_aspect_ratio: float = 4.0  # images with long/short side above this are skipped
+    # Aspect-ratio buckets: [] = square crops at `resolution`; [sdxl] = the SDXL list scaled to `resolution`;
+    # or WIDTHxHEIGHT sizes, e.g. [1024x1024, 1152x896, 896x1152].
+    buckets: list[str] = field(default_factory=list)
     demo_num_images: int = 320
     caption_dropout: float = 0.0  # probability of training on the empty prompt (for classifier-free guidance)
 
@@ -368,6 +373,7 @@ _CHOICES = {
     "objective.gamma_schedule": ("constant", "linear_decay", "random_strength"),
     "tune.scheduler": ("asha", "fifo"),
     "tune.search_alg": ("random", "optuna"),
+    "data.format": (None, "parquet", "imagefolder", "webdataset"),
 }
 
 _POSITIVE = ("scaling.num_workers", "train.max_steps", "train.batch_size", "train.grad_accum", "optim.lr",
@@ -396,6 +402,13 @@ def validate(cfg: Config) -> Config:
         _check(cfg.get(key) >= 0, key, f"must be >= 0, got {cfg.get(key)!r}")
     _check(cfg.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", f"must be 0, 1, 2 or 3, got {cfg.deepspeed.zero_stage}")
     _check(cfg.data.resolution % 8 == 0, "data.resolution", f"must be a multiple of 8 (the VAE factor), got {cfg.data.resolution}")
+    _check(cfg.data.max_aspect_ratio >= 1, "data.max_aspect_ratio", f"must be >= 1, got {cfg.data.max_aspect_ratio}")
+    try:
+        from raydiff.data.buckets import parse_buckets
+
+        parse_buckets(cfg.data.buckets, cfg.data.resolution)
+    except ValueError as exc:
+        raise ConfigError(f"config key 'data.buckets' {exc}") from None
     _check(0 < cfg.data.val_fraction < 1, "data.val_fraction", f"must be in (0, 1), got {cfg.data.val_fraction}")
     _check(all(0 <= t < 1000 for t in cfg.validation.timesteps) and cfg.validation.timesteps,
            "validation.timesteps", f"must be a non-empty list of timesteps in [0, 1000), got {cfg.validation.timesteps}")

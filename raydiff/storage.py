@@ -9,10 +9,44 @@ import pyarrow.fs as pafs
 from raydiff.config import is_uri
 
 
-def _fs(path: str) -> tuple[pafs.FileSystem, str]:
+def _s3_options() -> dict:
+    """S3 settings from the usual AWS variables, resolved here so they travel inside the pickled filesystem.
+
+    Ray tasks and actors started before these variables were set (a long-lived cluster) do not see them, and
+    pyarrow only pickles settings passed explicitly.
+    """
+    env, opts = os.environ, {}
+    endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        scheme, sep, host = endpoint.partition("://")
+        opts.update(endpoint_override=host.rstrip("/"), scheme=scheme) if sep else opts.update(endpoint_override=endpoint)
+    if env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
+        opts.update(access_key=env["AWS_ACCESS_KEY_ID"], secret_key=env["AWS_SECRET_ACCESS_KEY"])
+        if env.get("AWS_SESSION_TOKEN"):
+            opts["session_token"] = env["AWS_SESSION_TOKEN"]
+    region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+    if region:
+        opts["region"] = region
+    return opts
+
+
+def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    """(pyarrow filesystem, path inside it) for a local path or an s3:// / gs:// URI."""
+    if path.startswith("s3://"):
+        return pafs.S3FileSystem(**_s3_options()), path[len("s3://"):].rstrip("/")
     if is_uri(path):
         return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), os.path.abspath(path)
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+
+
+_fs = filesystem
+
+CLOUD_ENV_PREFIXES = ("AWS_", "GOOGLE_", "GCS_")
+
+
+def cloud_env() -> dict[str, str]:
+    """The object-store variables of this process, for Ray workers of a cluster started before they were set."""
+    return {k: v for k, v in os.environ.items() if k.startswith(CLOUD_ENV_PREFIXES)}
 
 
 def join(base: str, *parts: str) -> str:

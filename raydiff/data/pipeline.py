@@ -1,4 +1,4 @@
-"""Ray Data pipeline: HF-style parquet → SDXL training rows (pixels, input_ids, input_ids_2, time_ids).
+"""Ray Data pipeline: a dataset source (see ``sources``) → SDXL training rows (pixels, input_ids, input_ids_2, time_ids).
 
 Split: a row is in "val" iff crc32(image bytes) <= a cutoff; the cutoff is the largest hash that keeps at most
 ``val_max_samples`` rows among those with hash < ``val_fraction``·2³². It depends only on the data (not on the
@@ -11,18 +11,19 @@ worker, batch size or read order.
 from __future__ import annotations
 
 import bisect
-import contextlib
-import glob
 import logging
 import os
 from dataclasses import dataclass, replace
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
+from raydiff.data import sources, stats
+from raydiff.data.buckets import BUCKET_COLUMN, closest_bucket
+from raydiff.data.sources import FILE_COLUMN
 from raydiff.data.transforms import (
     ImageDecodeError,
     apply_crop,
@@ -36,17 +37,17 @@ from raydiff.data.transforms import (
 logger = logging.getLogger(__name__)
 
 OUTPUT_COLUMNS = ("pixels", "input_ids", "input_ids_2", "time_ids")
-FILE_COLUMN = "_file"  # source parquet file, kept only to name bad rows in messages
 KEY_COLUMN = "_key"  # crc32 sample key (int64)
 _HASH_SPACE = 2**32
-_GLOB_CHARS = set("*?[")
+MAX_LOGGED_SKIPS = 5  # per preprocessing actor; every skip is counted, only the first few are logged
 
 
 @dataclass
 class DataSpec:
     """What to read and how to preprocess it; filled by the caller from the config."""
 
-    source: str  # local dir / file / glob of parquet, or a URI read_parquet understands (s3://...)
+    source: str  # local file / dir / glob, or an s3:// / gs:// URI
+    format: str | None = None  # parquet | imagefolder | webdataset; None: detected from the files
     image_column: str = "image"
     caption_column: str = "text"
     resolution: int = 64
@@ -57,6 +58,9 @@ class DataSpec:
     seed: int = 0
     on_error: str = "skip"  # skip | raise
     caption_dropout: float = 0.0  # train split only: probability of the empty caption
+    max_aspect_ratio: float = 4.0  # long/short side above this: skipped
+    stats_actor: str | None = None  # name of the run's DataStats actor (raydiff.data.stats.create)
+    buckets: tuple[tuple[int, int], ...] = ()  # (width, height) aspect-ratio buckets; () = square crops
     batch_size: int = 32  # rows per preprocessing call
     concurrency: int | tuple[int, int] = (1, 2)  # (min, max) preprocessing actors per split, or a fixed size
 
@@ -67,6 +71,8 @@ class DataSpec:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.resolution <= 0 or self.batch_size <= 0 or self.val_max_samples < 0:
             raise ValueError("resolution and batch_size must be > 0, val_max_samples >= 0")
+        if self.max_aspect_ratio < 1:
+            raise ValueError(f"max_aspect_ratio must be >= 1, got {self.max_aspect_ratio}")
 
 
 class RowError(ValueError):
@@ -76,54 +82,9 @@ class RowError(ValueError):
 # ---------------------------------------------------------------- reading
 
 
-def resolve_source(source: str) -> str | list[str]:
-    """Expand globs and absolutise local paths (Ray workers need not share the driver's cwd)."""
-    if "://" in source:
-        return source
-    if _GLOB_CHARS & set(source):
-        files = sorted(os.path.abspath(p) for p in glob.glob(source, recursive=True))
-        if not files:
-            raise FileNotFoundError(f"no files match {source!r}")
-        return files
-    if not os.path.exists(source):
-        raise FileNotFoundError(f"data source {source!r} does not exist")
-    return os.path.abspath(source)
-
-
-@contextlib.contextmanager
-def _parquet_reader_for(paths: str | list[str]) -> Iterator[None]:
-    """Use Ray's V1 parquet reader for local files.
-
-    Ray Data 2.60's default (V2) reader starts 32 footer-reading actors for every pass over the data, built for
-    cloud stores; for local files that costs seconds and GBs of worker RAM per epoch. V1 reads local footers
-    on the driver instead. Remote URIs keep Ray's default. The flag is restored right after the (lazy) read call.
-    """
-    ctx = ray.data.DataContext.get_current()
-    remote = any("://" in p for p in ([paths] if isinstance(paths, str) else paths))
-    if remote or not hasattr(ctx, "use_datasource_v2"):
-        yield
-        return
-    previous = ctx.use_datasource_v2
-    ctx.use_datasource_v2 = False
-    try:
-        yield
-    finally:
-        ctx.use_datasource_v2 = previous
-
-
 def read_source(spec: DataSpec) -> ray.data.Dataset:
-    """Read the parquet source, keeping the image and caption columns plus the source file name."""
-    paths = resolve_source(spec.source)
-    with _parquet_reader_for(paths):
-        ds = ray.data.read_parquet(paths, include_paths=True)
-    names = ds.schema().names
-    missing = [c for c in (spec.image_column, spec.caption_column) if c not in names]
-    if missing:
-        raise KeyError(f"column(s) {missing} not in {spec.source!r}; available: {names}")
-    # include_paths adds "path" unless the data already has one; either way it only labels rows in messages.
-    return ds.select_columns([spec.image_column, spec.caption_column, "path"]).rename_columns(
-        {"path": FILE_COLUMN}
-    )
+    """Read the source as rows of (image column, caption column, source file label)."""
+    return sources.read(spec.source, spec.format, spec.image_column, spec.caption_column)[0]
 
 
 # ---------------------------------------------------------------- row helpers (pure)
@@ -157,10 +118,14 @@ def describe_row(key: int, path: str | None, file: str | None) -> str:
     return f"row key={key:#010x} image_path={path!r} file={file!r}"
 
 
-def load_bytes(data: bytes | None, path: str | None) -> bytes:
-    """The row's image bytes; falls back to reading ``path`` when bytes are absent and the file exists."""
+def load_bytes(data: bytes | None, path: str | None, filesystem: Any = None) -> bytes:
+    """The row's image bytes; without bytes, reads ``path`` through ``filesystem`` (image folders) or, with no
+    filesystem, from local disk when that file exists (parquet rows whose struct holds only a path)."""
     if data:
         return data
+    if path and filesystem is not None:
+        with filesystem.open_input_file(path) as f:
+            return f.read()
     if path and os.path.isfile(path):
         with open(path, "rb") as f:
             return f.read()
@@ -266,6 +231,10 @@ class Preprocessor:
         epoch: int | None = 0,
         on_error: str = "skip",
         caption_dropout: float = 0.0,
+        max_aspect_ratio: float | None = None,
+        filesystem: Any = None,
+        stats_actor: str | None = None,
+        buckets: tuple[tuple[int, int], ...] = (),
     ) -> None:
         from transformers import CLIPTokenizer  # imported here: only actors pay for it
 
@@ -276,7 +245,11 @@ class Preprocessor:
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
         self.seed, self.epoch, self.on_error = seed, epoch, on_error
         self.caption_dropout = caption_dropout
+        self.max_aspect_ratio, self.filesystem, self.stats_actor = max_aspect_ratio, filesystem, stats_actor
+        self.buckets = [tuple(b) for b in buckets]
         self.num_skipped = 0
+        self._counts: dict[str, int] = {}  # this batch's counters, flushed to the stats actor per batch
+        self._examples: list[str] = []
 
     def _current_epoch(self) -> int:
         if self.epoch is not None:
@@ -286,16 +259,30 @@ class Preprocessor:
         return int(getattr(DataContext.get_current(), "_execution_idx", 0))
 
     def _sample(self, data: bytes | None, path: str | None, key: int, epoch: int):
-        img = decode_image(load_bytes(data, path))
+        img = decode_image(load_bytes(data, path, self.filesystem), self.max_aspect_ratio)
         w, h = img.size
-        plan = plan_crop(w, h, self.resolution, self.center_crop, self.random_flip, sample_rng(self.seed, epoch, key))
-        return apply_crop(img, plan, self.resolution), time_ids(h, w, plan, self.resolution)
+        bucket = closest_bucket(w, h, self.buckets) if self.buckets else -1
+        size = self.buckets[bucket] if self.buckets else self.resolution
+        plan = plan_crop(w, h, size, self.center_crop, self.random_flip, sample_rng(self.seed, epoch, key))
+        if plan.resized_w > w:
+            self._count("data_upscaled")
+        return apply_crop(img, plan, size), time_ids(h, w, plan, size), bucket
 
     def _skip_or_raise(self, what: str, err: Exception) -> None:
         if self.on_error == "raise":
             raise RowError(f"cannot preprocess {what}: {err}") from err
         self.num_skipped += 1
-        logger.warning("skipping %s: %s (%d skipped by this worker)", what, err, self.num_skipped)
+        self._count("data_skipped")
+        if self.num_skipped <= MAX_LOGGED_SKIPS:
+            logger.warning("skipping %s: %s (%d skipped by this worker)", what, err, self.num_skipped)
+            self._examples.append(f"{what}: {err}")
+
+    def _count(self, name: str) -> None:
+        self._counts[name] = self._counts.get(name, 0) + 1
+
+    def _flush_counts(self) -> None:
+        stats.record(self.stats_actor, self._counts, self._examples)
+        self._counts, self._examples = {}, []
 
     def _tokenize(self, captions: list[str]) -> list[np.ndarray]:
         out = []
@@ -314,25 +301,41 @@ class Preprocessor:
         files = batch[FILE_COLUMN].to_pylist() if FILE_COLUMN in batch.column_names else [None] * len(data)
         keys = row_keys(batch, self.image_column)
         epoch = self._current_epoch()
-        pixels, tids, kept = [], [], []
+        pixels, tids, kept, buckets = [], [], [], []
         for d, p, f, k, c in zip(data, paths, files, keys, captions):
             try:
-                px, t = self._sample(d, p, int(k), epoch)
+                px, t, b = self._sample(d, p, int(k), epoch)
             except (ValueError, OSError) as e:  # ImageDecodeError is a ValueError; OSError: unreadable path
                 self._skip_or_raise(describe_row(int(k), p, f), e)
                 continue
             pixels.append(px)
             tids.append(t)
+            buckets.append(b)
+            if c is None:
+                self._count("data_null_captions")
             dropped = drop_caption(self.seed, epoch, int(k), self.caption_dropout)
             kept.append("" if dropped else caption_text(c))
+        self._flush_counts()
         r = self.resolution
         ids, ids_2 = self._tokenize(kept)
-        return {
-            "pixels": np.stack(pixels) if pixels else np.zeros((0, 3, r, r), dtype=np.uint8),
+        out = {
+            "pixels": _stack(pixels) if pixels else np.zeros((0, 3, r, r), dtype=np.uint8),
             "input_ids": ids,
             "input_ids_2": ids_2,
             "time_ids": np.asarray(tids, dtype=np.float32).reshape(-1, 6),
         }
+        if self.buckets:  # batches are regrouped by this column on the training workers (buckets.torch_batches)
+            out[BUCKET_COLUMN] = np.asarray(buckets, dtype=np.int64)
+        return out
+
+
+def _stack(arrays: list[np.ndarray]) -> np.ndarray:
+    """One array when all shapes agree; else an object array, which Ray stores as a variable-shaped tensor."""
+    if len({a.shape for a in arrays}) == 1:
+        return np.stack(arrays)
+    out = np.empty(len(arrays), dtype=object)
+    out[:] = arrays
+    return out
 
 
 def _actor_pool(concurrency: int | tuple[int, int] | list[int]) -> ray.data.ActorPoolStrategy:
@@ -345,7 +348,8 @@ def _actor_pool(concurrency: int | tuple[int, int] | list[int]) -> ray.data.Acto
 
 def _split_dataset(spec: DataSpec, tokenizer_path: str, epoch: int | None, cutoff: int, val: bool):
     # A fresh read per split: each gets its own DataContext, so val's preserve_order doesn't leak into train.
-    ds = read_source(spec).map_batches(
+    ds, src = sources.read(spec.source, spec.format, spec.image_column, spec.caption_column)
+    ds = ds.map_batches(
         _select_split,
         batch_format="pyarrow",
         fn_kwargs={"image_column": spec.image_column, "cutoff": cutoff, "val": val},
@@ -366,6 +370,11 @@ def _split_dataset(spec: DataSpec, tokenizer_path: str, epoch: int | None, cutof
             "epoch": epoch,
             "on_error": spec.on_error,
             "caption_dropout": spec.caption_dropout,
+            "max_aspect_ratio": spec.max_aspect_ratio,
+            # Only image-folder rows are paths to read; parquet structs' paths are labels (or local files).
+            "filesystem": src.filesystem if src.format == "imagefolder" else None,
+            "stats_actor": spec.stats_actor,
+            "buckets": spec.buckets,
         },
     )
 
@@ -382,7 +391,9 @@ def build_datasets(spec: DataSpec, tokenizer_path: str, epoch: int | None = 0) -
     """
     cutoff = compute_val_cutoff(spec)
     train = _split_dataset(spec, tokenizer_path, epoch, cutoff, val=False)
-    val_spec = replace(spec, center_crop=True, random_flip=False, caption_dropout=0.0)
+    # Val stays square (center crop at data.resolution) and keeps every caption: its batches are encoded once, in a
+    # fixed order.
+    val_spec = replace(spec, center_crop=True, random_flip=False, caption_dropout=0.0, buckets=())
     val = _split_dataset(val_spec, tokenizer_path, 0, cutoff, val=True)
     val.context.execution_options.preserve_order = True
     return {"train": train, "val": val}

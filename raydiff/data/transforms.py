@@ -16,6 +16,11 @@ import numpy as np
 from PIL import Image, ImageOps
 
 Rng = Union[random.Random, np.random.Generator]
+Size = Union[int, tuple[int, int]]  # a square side, or (width, height) of an aspect-ratio bucket
+
+
+def _wh(size: Size) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 # Modes whose alpha (or palette transparency) must be composited rather than dropped: dropping alpha turns
 # transparent areas into whatever colour happens to be stored under them (often black).
@@ -43,13 +48,14 @@ def _round_half_up(x: float) -> int:
     return int(np.floor(x + 0.5))
 
 
-def resized_size(orig_w: int, orig_h: int, resolution: int) -> tuple[int, int]:
-    """Scale so the short side equals ``resolution`` (up- or down-scaling), keeping the aspect ratio."""
+def resized_size(orig_w: int, orig_h: int, resolution: Size) -> tuple[int, int]:
+    """Smallest aspect-preserving scale (up or down) that covers the target: for a square, short side = resolution."""
+    tw, th = _wh(resolution)
     if orig_w <= 0 or orig_h <= 0:
         raise ValueError(f"invalid image size {orig_w}x{orig_h}")
-    if orig_w <= orig_h:
-        return resolution, max(resolution, _round_half_up(orig_h * resolution / orig_w))
-    return max(resolution, _round_half_up(orig_w * resolution / orig_h)), resolution
+    if orig_w * th <= orig_h * tw:  # relatively taller than the target: width decides
+        return tw, max(th, _round_half_up(orig_h * tw / orig_w))
+    return max(tw, _round_half_up(orig_w * th / orig_h)), th
 
 
 def _randint(rng: Rng, high_inclusive: int) -> int:
@@ -59,38 +65,42 @@ def _randint(rng: Rng, high_inclusive: int) -> int:
 
 
 def plan_crop(
-    orig_w: int, orig_h: int, resolution: int, center_crop: bool, random_flip: bool, rng: Rng
+    orig_w: int, orig_h: int, resolution: Size, center_crop: bool, random_flip: bool, rng: Rng
 ) -> CropPlan:
-    """Resize short side → (random|center) crop of ``resolution``² → horizontal flip with p=0.5.
+    """Resize to cover the target → (random|center) crop of the target size → horizontal flip with p=0.5.
 
-    Draw order is fixed (top, left, flip) so a given rng state always gives the same plan.
+    ``resolution`` is a square side or a bucket's (width, height). Draw order is fixed (top, left, flip) so a
+    given rng state always gives the same plan.
     """
-    rw, rh = resized_size(orig_w, orig_h, resolution)
+    tw, th = _wh(resolution)
+    rw, rh = resized_size(orig_w, orig_h, (tw, th))
     if center_crop:
-        top, left = (rh - resolution) // 2, (rw - resolution) // 2
+        top, left = (rh - th) // 2, (rw - tw) // 2
     else:
-        top, left = _randint(rng, rh - resolution), _randint(rng, rw - resolution)
+        top, left = _randint(rng, rh - th), _randint(rng, rw - tw)
     flipped = bool(random_flip and rng.random() < 0.5)
     if flipped:
         # The conditioning must describe the image the model sees, i.e. the flipped one.
-        left = rw - (left + resolution)
+        left = rw - (left + tw)
     return CropPlan(resized_w=rw, resized_h=rh, crop_top=top, crop_left=left, flipped=flipped)
 
 
-def apply_crop(img: Image.Image, plan: CropPlan, resolution: int) -> np.ndarray:
-    """Execute ``plan`` on an RGB image; returns uint8 ``[3, R, R]``."""
+def apply_crop(img: Image.Image, plan: CropPlan, resolution: Size) -> np.ndarray:
+    """Execute ``plan`` on an RGB image; returns uint8 ``[3, H, W]`` (``[3, R, R]`` for a square)."""
+    tw, th = _wh(resolution)
     resized = img.convert("RGB").resize((plan.resized_w, plan.resized_h), Image.Resampling.LANCZOS)
     # plan.crop_left is in flipped coordinates; map it back to cut from the unflipped image.
-    left = plan.resized_w - plan.crop_left - resolution if plan.flipped else plan.crop_left
-    out = resized.crop((left, plan.crop_top, left + resolution, plan.crop_top + resolution))
+    left = plan.resized_w - plan.crop_left - tw if plan.flipped else plan.crop_left
+    out = resized.crop((left, plan.crop_top, left + tw, plan.crop_top + th))
     if plan.flipped:
         out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return np.ascontiguousarray(np.asarray(out, dtype=np.uint8).transpose(2, 0, 1))
 
 
-def time_ids(orig_h: int, orig_w: int, plan: CropPlan, resolution: int) -> tuple[int, int, int, int, int, int]:
+def time_ids(orig_h: int, orig_w: int, plan: CropPlan, resolution: Size) -> tuple[int, int, int, int, int, int]:
     """SDXL micro-conditioning: (original_h, original_w, crop_top, crop_left, target_h, target_w)."""
-    return (orig_h, orig_w, plan.crop_top, plan.crop_left, resolution, resolution)
+    tw, th = _wh(resolution)
+    return (orig_h, orig_w, plan.crop_top, plan.crop_left, th, tw)
 
 
 def sample_key(image_bytes: bytes | None, path: str | None = None) -> int:
@@ -140,12 +150,27 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, ...
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Decode image bytes to an upright RGB image; raises ImageDecodeError with the reason on failure."""
+def check_aspect_ratio(w: int, h: int, max_aspect_ratio: float) -> None:
+    ratio = max(w, h) / max(min(w, h), 1)
+    if ratio > max_aspect_ratio:
+        raise ImageDecodeError(f"aspect ratio {ratio:.2f} ({w}x{h}) exceeds data.max_aspect_ratio {max_aspect_ratio}")
+
+
+def decode_image(data: bytes, max_aspect_ratio: float | None = None) -> Image.Image:
+    """Decode image bytes to an upright RGB image; raises ImageDecodeError with the reason on failure.
+
+    ``max_aspect_ratio`` is checked on the header, before the pixels are decoded: a 40:1 panorama would need a
+    huge buffer once its short side is resized to the training resolution.
+    """
     if not data:
         raise ImageDecodeError("empty image bytes")
     try:
         img = Image.open(io.BytesIO(data))
+    except Exception as e:
+        raise ImageDecodeError(f"cannot decode image ({len(data)} bytes): {type(e).__name__}: {e}") from e
+    if max_aspect_ratio is not None:
+        check_aspect_ratio(*img.size, max_aspect_ratio)
+    try:
         img.load()  # force the full decode here so truncated files fail now, not mid-resize
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
         raise ImageDecodeError(f"cannot decode image ({len(data)} bytes): {type(e).__name__}: {e}") from e

@@ -19,7 +19,7 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from raydiff import models, storage
-from raydiff.config import Config, ConfigError, load_config, run_dir, storage_path
+from raydiff.config import Config, ConfigError, is_uri, load_config, run_dir, storage_path
 from raydiff.train import summary as summ
 from raydiff.train import tracking
 from raydiff.train.loop import train_loop_per_worker
@@ -58,7 +58,8 @@ def init_ray(cfg: Config, num_cpus: float | None = None) -> None:
     ray.init(num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)), include_dashboard=False)
 
 
-def data_spec(cfg: Config):
+def data_spec(cfg: Config, stats_actor: str | None = None):
+    from raydiff.data.buckets import parse_buckets
     from raydiff.data.demo import ensure_demo_dataset
     from raydiff.data.pipeline import DataSpec
 
@@ -67,7 +68,9 @@ def data_spec(cfg: Config):
     return DataSpec(source=source, image_column=d.image_column, caption_column=d.caption_column,
                     resolution=d.resolution, center_crop=d.center_crop, random_flip=d.random_flip,
                     val_fraction=d.val_fraction, val_max_samples=d.val_max_samples, seed=cfg.train.seed,
-                    on_error=d.on_error, caption_dropout=d.caption_dropout)
+                    on_error=d.on_error, caption_dropout=d.caption_dropout, format=d.format,
+                    max_aspect_ratio=d.max_aspect_ratio, stats_actor=stats_actor,
+                    buckets=tuple(parse_buckets(d.buckets, d.resolution)))
 
 
 def _ordered():
@@ -79,19 +82,26 @@ def _ordered():
 
 def build_trainer(cfg: Config, callbacks: list | None = None) -> TorchTrainer:
     """A TorchTrainer for one run; `run.name` + `run.storage_path` identify it, so relaunching resumes it."""
+    from raydiff.data import stats
     from raydiff.data.pipeline import build_datasets
 
+    stats_actor = stats.create()  # skipped-row counters shared by preprocessing actors and training workers
     # epoch=None: crops and flips are reseeded on each pass over the data, so epochs differ.
-    datasets = build_datasets(data_spec(cfg), tokenizer_path=models.resolve_pretrained(cfg.model.pretrained), epoch=None)
+    datasets = build_datasets(data_spec(cfg, stats_actor), tokenizer_path=models.resolve_pretrained(cfg.model.pretrained),
+                              epoch=None)
     s = cfg.scaling
+    # An explicit filesystem carries the endpoint and credentials to Ray Train's controller and workers.
+    store_fs, store_path = storage.filesystem(storage_path(cfg)) if is_uri(storage_path(cfg)) else (None, storage_path(cfg))
     resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "run_dir": run_dir(cfg)},
+        train_loop_config={"config": cfg.to_dict(), "run_dir": run_dir(cfg), "data_stats": stats_actor,
+                           "cloud_env": storage.cloud_env() if is_uri(storage_path(cfg)) else {}},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=cfg.run.name,
-            storage_path=storage_path(cfg),
+            storage_path=store_path,
+            storage_filesystem=store_fs,
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
             callbacks=callbacks,

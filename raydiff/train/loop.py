@@ -23,6 +23,8 @@ import torch.distributed as dist
 
 from raydiff import models, objective, storage, validation
 from raydiff.config import Config, from_dict
+from raydiff.data import stats as data_stats
+from raydiff.data.buckets import torch_batches
 from raydiff.train.deepspeed_setup import PRECISION_DTYPES, build_lr_scheduler, build_optimizer, deepspeed_config
 from raydiff.train.metrics_log import MetricsLog
 
@@ -67,6 +69,7 @@ class Worker:
         self.state = TrainState()
         self.ema: dict[str, torch.Tensor] | None = None
         self.last_gamma = cfg.objective.gamma
+        self.data_stats: str | None = None  # the run's data counter actor (raydiff.data.stats)
 
     # ------------------------------------------------------------ set-up
 
@@ -158,7 +161,7 @@ class Worker:
         shard = ray.train.get_dataset_shard("val")
         self.val_batches = [self.encode(b, gen) for b in shard.iter_torch_batches(batch_size=self.cfg.validation.batch_size)]
         if not self.val_batches:
-            raise RuntimeError("the validation split is empty: raise data.val_fraction or add data")
+            raise data_stats.no_data_error(self.data_stats, "validation")
 
     def validate(self) -> dict:
         """Unperturbed loss (gamma = 0, no offset noise, unweighted) at fixed timesteps with fixed noise, overall and
@@ -283,10 +286,9 @@ class Worker:
                       flush=True)
             ray.train.report(baseline)
         while self.state.step < cfg.train.max_steps:
-            micro_in_epoch = 0
-            for batch in shard.iter_torch_batches(batch_size=cfg.train.batch_size, drop_last=True,
-                                                  prefetch_batches=cfg.train.prefetch_batches):
-                micro_in_epoch += 1
+            epoch_batches = 0  # an epoch without one batch would loop forever: every row was bad
+            for batch in torch_batches(shard, cfg.train.batch_size, cfg.train.prefetch_batches, bool(cfg.data.buckets)):
+                epoch_batches += 1
                 loss_sum += self.train_micro_step(batch, micro)
                 loss_count += 1
                 micro += 1
@@ -317,10 +319,8 @@ class Worker:
                 window_start, window_steps = time.perf_counter(), 0
                 if is_last:
                     break
-            else:
-                if micro_in_epoch == 0:
-                    raise RuntimeError(f"worker {self.rank} got no training batch in epoch {self.state.epoch}: the "
-                                       f"training split is smaller than train.batch_size x scaling.num_workers")
+            if not epoch_batches:
+                raise data_stats.no_data_error(self.data_stats, "train")
             self.state.epoch += 1
 
     def step_metrics(self, mean_loss: torch.Tensor, window_start: float, window_steps: int, global_batch: int) -> dict:
@@ -329,7 +329,7 @@ class Worker:
         elapsed = max(time.perf_counter() - window_start, 1e-9)
         return {"step": self.state.step, "epoch": self.state.epoch, "loss": loss.item() / self.world,
                 "lr": self.lr_scheduler.get_last_lr()[0], "samples_per_s": window_steps * global_batch / elapsed,
-                "gamma": self.last_gamma, "time": time.time()}
+                "gamma": self.last_gamma, "time": time.time(), **data_stats.metrics(self.data_stats)}
 
     def gamma_now(self) -> float:
         """The gamma the schedule gives at the current step (random_strength: its mean, gamma / 2)."""
@@ -365,7 +365,9 @@ class Worker:
 
 def train_loop_per_worker(loop_config: dict) -> None:
     cfg = from_dict(loop_config["config"])
+    os.environ.update(loop_config.get("cloud_env") or {})  # run-dir files on an object store (raydiff.storage)
     worker = Worker(cfg, loop_config["run_dir"])
+    worker.data_stats = loop_config.get("data_stats")
     worker.setup()
     worker.restore()
     worker.load_validation()
