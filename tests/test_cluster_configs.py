@@ -171,8 +171,6 @@ def test_train_rayjob_module_exists():
     assert importlib.util.find_spec(entrypoint(jobs_by_module()["raydiff.train"])[0]) is not None
 
 
-@pytest.mark.xfail(strict=True, reason="raydiff.tune and configs/tune_gamma_lr.yaml arrive with the Tune sweep "
-                                       "issue (#6); strict: once they exist this passes and the marker must go")
 def test_tune_rayjob_module_and_config_exist():
     module, args = entrypoint(jobs_by_module()["raydiff.tune"])
     assert importlib.util.find_spec(module) is not None
