@@ -125,7 +125,11 @@ def run_training(cfg: Config, callbacks: list | None = None) -> RunOutputs:
     models.resolve_pretrained(cfg.model.pretrained)  # build/cache the tiny model once, before workers race for it
     path = prepare_run_dir(cfg)
     mlflow_run = tracking.start_mlflow_run(cfg)
-    result = build_trainer(cfg, [*(callbacks or []), tracking.RunTracker(cfg, mlflow_run)]).fit()
+    try:
+        result = build_trainer(cfg, [*(callbacks or []), tracking.RunTracker(cfg, mlflow_run)]).fit()
+    except BaseException:  # stopped or failed: a relaunch resumes, and reopens the MLflow run
+        tracking.end_mlflow_run(cfg, mlflow_run, status="FAILED")
+        raise
     out = RunOutputs(run_dir=path, model_dir=storage.join(path, "final"),
                      metrics_path=storage.join(path, "metrics.jsonl"),
                      checkpoint_path=result.checkpoint.path if result.checkpoint else None,
@@ -149,7 +153,7 @@ def finish_run(cfg: Config, out: RunOutputs, mlflow_run: str | None) -> None:
             out.extras[label] = storage.join(out.run_dir, os.path.basename(local))
             with open(local, "rb") as f:
                 storage.write_bytes(out.extras[label], f.read())
-        tracking.finish_mlflow_run(cfg, mlflow_run, list(files.values()))
+        tracking.end_mlflow_run(cfg, mlflow_run, tuple(files.values()))
     if cfg.logging.tensorboard:
         out.extras["tensorboard"] = f"tensorboard --logdir {storage.join(out.run_dir, 'tensorboard')}"
     if mlflow_run:

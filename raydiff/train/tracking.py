@@ -73,13 +73,13 @@ def start_mlflow_run(cfg: Config) -> str | None:
     return run_id
 
 
-def finish_mlflow_run(cfg: Config, run_id: str | None, artifacts: list[str]) -> None:
+def end_mlflow_run(cfg: Config, run_id: str | None, artifacts: tuple[str, ...] = (), status: str = "FINISHED") -> None:
     if run_id is None:
         return
     client = mlflow_client(cfg)
     for path in artifacts:
         client.log_artifact(run_id, path)
-    client.set_terminated(run_id)
+    client.set_terminated(run_id, status=status)
 
 
 # ---------------------------------------------------------------- the callback
