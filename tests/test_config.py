@@ -4,7 +4,6 @@ import pytest
 import yaml
 
 from raydiff import config as C
-from raydiff.train.driver import load_cli_config
 
 
 def test_default_config_is_tiny_cpu_and_valid():
@@ -88,14 +87,20 @@ def test_missing_config_name_and_file():
         C.resolve_config_path("/nope/x.yaml")
 
 
-def test_cli_exits_2_with_message_before_ray(capsys):
+def test_cli_exits_2_with_message_before_ray(capsys, monkeypatch):
     import ray
 
+    from raydiff.train.driver import main
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray must not start when the config is invalid")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
     with pytest.raises(SystemExit) as exc:
-        load_cli_config(["--set", "deepspeed.zero_stage=5"], "prog", "d")
+        main(["--set", "deepspeed.zero_stage=5"])
     assert exc.value.code == 2
     assert "deepspeed.zero_stage" in capsys.readouterr().err
-    assert not ray.is_initialized()
 
 
 def test_run_dir_expands_home_and_keeps_uris():
