@@ -56,9 +56,11 @@ def plot_loss_curve(rows: list[dict], path: str) -> str:
 
 
 @ray.remote(num_cpus=1)
-def _sample_grid(model_dir: str, prompts: list[str], steps: int, seed: int):
+def _sample_grid(model_dir: str, prompts: list[str], steps: int, seed: int, cloud_env: dict[str, str]):
     """Runs where a GPU is (when the run uses GPUs), not on a CPU-only head node."""
     from raydiff.generate import generate, image_grid
+
+    os.environ.update(cloud_env)  # the model may sit on an object store this worker has no credentials for
 
     with tempfile.TemporaryDirectory() as tmp:
         local = storage.download_dir(model_dir, os.path.join(tmp, "model")) if is_uri(model_dir) else model_dir
@@ -68,7 +70,8 @@ def _sample_grid(model_dir: str, prompts: list[str], steps: int, seed: int):
 def sample_grid(cfg: Config, model_dir: str):
     gpus = cfg.scaling.gpus_per_worker if cfg.scaling.use_gpu else 0
     task = _sample_grid.options(num_gpus=gpus)
-    return ray.get(task.remote(model_dir, cfg.logging.sample_prompts, cfg.logging.sample_steps, cfg.train.seed))
+    return ray.get(task.remote(model_dir, cfg.logging.sample_prompts, cfg.logging.sample_steps, cfg.train.seed,
+                               storage.cloud_env()))
 
 
 def format_summary(s: Summary, run_dir: str, model_dir: str, checkpoint: str | None, extras: dict[str, str]) -> str:

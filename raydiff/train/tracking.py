@@ -92,6 +92,8 @@ class RunTracker(UserCallback):
         self.cfg = cfg
         self.mlflow_run_id = mlflow_run_id
         self._writer = None  # created in the controller: writers and clients do not pickle
+        # The controller may run in a cluster started before the object-store variables were set (as the workers).
+        self.cloud_env = storage.cloud_env()
 
     def writer(self):
         if self._writer is None:
@@ -101,6 +103,7 @@ class RunTracker(UserCallback):
         return self._writer
 
     def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+        os.environ.update(self.cloud_env)
         report = metrics[0]
         step, scalars = int(report.get("step", 0)), reported_scalars(report)
         if self.cfg.logging.tensorboard:
