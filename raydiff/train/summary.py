@@ -69,7 +69,8 @@ def _sample_grid(model_dir: str, prompts: list[str], steps: int, seed: int, clou
 
 def sample_grid(cfg: Config, model_dir: str):
     gpus = cfg.scaling.gpus_per_worker if cfg.scaling.use_gpu else 0
-    task = _sample_grid.options(num_gpus=gpus)
+    # DEFAULT scheduling: inside a Tune trial the task must not be captured by the trial's tiny placement group.
+    task = _sample_grid.options(num_gpus=gpus, scheduling_strategy="DEFAULT")
     return ray.get(task.remote(model_dir, cfg.logging.sample_prompts, cfg.logging.sample_steps, cfg.train.seed,
                                storage.cloud_env()))
 
