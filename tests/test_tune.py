@@ -61,6 +61,18 @@ def test_trial_config_applies_params_and_names_run_by_trial(tmp_path):
     assert C.run_dir(cfg) == os.path.join(tmp_path, "runs", "abc_00001")
 
 
+def test_best_model_is_the_best_exported_trial_when_the_best_was_stopped():
+    from raydiff.tune.report import TrialRow, best_model_lines
+
+    stopped = TrialRow("t1", {}, 0.10, 2, "early-stopped", "", [])
+    done = TrialRow("t2", {}, 0.20, 8, "completed", "/runs/t2/final", [])
+    assert best_model_lines(done, done) == ["  best model:  /runs/t2/final"]
+    lines = best_model_lines(stopped, done)
+    assert "t1 was early-stopped at step 2" in lines[0]
+    assert lines[1].startswith("  best model:  /runs/t2/final (trial t2")
+    assert best_model_lines(stopped, None)[-1].endswith("(none: no trial finished with an export)")
+
+
 def test_concurrency_from_cluster_resources():
     from raydiff.tune.sweep import max_concurrent_trials
 
@@ -191,8 +203,11 @@ def test_best_trial_has_lowest_val_loss_and_its_export_loads(sweep):
     best = min(lowest, key=lowest.get)
     assert rows[0]["trial_id"] == best and rows[0]["rank"] == "1"
     assert f"best trial:  {best}" in sweep["stdout"]
-    assert f"best model:  {rows[0]['model']}" in sweep["stdout"]
-    pipe = StableDiffusionXLPipeline.from_pretrained(rows[0]["model"])
+    # ASHA may have stopped the trial with the lowest val_loss: the model is then the best trial that exported one.
+    exported = min((r for r in rows if r["model"]), key=lambda r: lowest[r["trial_id"]])
+    assert exported["model"].endswith(f"{exported['trial_id']}/final")
+    assert f"best model:  {exported['model']}" in sweep["stdout"]
+    pipe = StableDiffusionXLPipeline.from_pretrained(exported["model"])
     image = pipe("a red circle", num_inference_steps=2, height=64, width=64,
                  generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (64, 64)

@@ -35,6 +35,7 @@ class TrialRow:
 class SweepSummary:
     rows: list[TrialRow]  # best first; trials without a val_loss last
     best: TrialRow | None
+    best_exported: TrialRow | None  # the best trial that has a model: ASHA may stop the trial with the lowest val_loss
     finished: bool  # every expected trial exists and completed or was early-stopped
     text: str
 
@@ -123,6 +124,22 @@ def plot(rows: list[TrialRow], cfg: Config, path: str) -> None:
     storage.write_bytes(path, buf.getvalue())
 
 
+def best_model_lines(best: TrialRow | None, exported: TrialRow | None) -> list[str]:
+    """Where the model to use is. A scheduler judges trials at its milestones, so the trial with the lowest val_loss
+    over all its steps can be one it stopped (no export); then the best exported trial is named too."""
+    if best is None:
+        return []
+    if exported is best:
+        return [f"  best model:  {best.model}"]
+    lines = [f"  trial {best.trial_id} was {best.status} at step {best.steps} (no export; its checkpoints are in "
+             f"its run directory)"]
+    if exported is not None:
+        lines.append(f"  best model:  {exported.model} (trial {exported.trial_id}, val_loss {exported.best_val_loss:.6g})")
+    else:
+        lines.append("  best model:  (none: no trial finished with an export)")
+    return lines
+
+
 def write_sweep_outputs(cfg: Config, sweep_dir: str, runs_dir: str, expected_trials: int) -> SweepSummary:
     from ray.tune import ExperimentAnalysis
 
@@ -134,6 +151,7 @@ def write_sweep_outputs(cfg: Config, sweep_dir: str, runs_dir: str, expected_tri
     storage.write_text(storage.join(sweep_dir, "results.md"), markdown)
     plot(rows, cfg, storage.join(sweep_dir, "sweep.png"))
     best = rows[0] if rows and rows[0].best_val_loss is not None else None
+    best_exported = next((r for r in rows if r.model and r.best_val_loss is not None), None)
     done = sum(r.status in ("completed", "early-stopped") for r in rows)
     lines = [f"\n[raydiff] sweep {sweep_dir}: {done} of {max(expected_trials, len(rows))} trials done", markdown]
     if any(r.status == "error" for r in rows):
@@ -142,6 +160,6 @@ def write_sweep_outputs(cfg: Config, sweep_dir: str, runs_dir: str, expected_tri
         lines.append("  the sweep was interrupted: run the same command again to resume it")
     if best is not None:
         lines.append(f"  best trial:  {best.trial_id} (val_loss {best.best_val_loss:.6g}, {best.params})")
-        lines.append(f"  best model:  {best.model or '(none: the trial did not finish, see its checkpoints)'}")
+    lines += best_model_lines(best, best_exported)
     lines.append(f"  results:     {storage.join(sweep_dir, 'results.md')}, results.csv, sweep.png")
-    return SweepSummary(rows, best, done >= expected_trials and done == len(rows), "\n".join(lines))
+    return SweepSummary(rows, best, best_exported, done >= expected_trials and done == len(rows), "\n".join(lines))
