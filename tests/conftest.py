@@ -32,7 +32,7 @@ def ray_local(raydiff_cache: str):
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True)
+        ray.init(num_cpus=6, include_dashboard=False, log_to_driver=True)  # raydiff.train.driver.run_cpus of a 2-worker run
     yield ray
     ray.shutdown()
 

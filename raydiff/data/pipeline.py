@@ -14,7 +14,7 @@ import bisect
 import logging
 import os
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -24,6 +24,16 @@ import ray
 from raydiff.data import sources, stats
 from raydiff.data.buckets import BUCKET_COLUMN, closest_bucket
 from raydiff.data.sources import FILE_COLUMN
+from raydiff.data.stream import (
+    ORDER_COLUMN,
+    EpochShare,
+    StreamPosition,
+    assign_rows,
+    epoch_of,
+    epoch_share,
+    rebatch,
+    sample_uid,
+)
 from raydiff.data.transforms import (
     ImageDecodeError,
     apply_crop,
@@ -39,6 +49,7 @@ logger = logging.getLogger(__name__)
 OUTPUT_COLUMNS = ("pixels", "input_ids", "input_ids_2", "time_ids")
 KEY_COLUMN = "_key"  # crc32 sample key (int64)
 _HASH_SPACE = 2**32
+PREPROCESS_ACTORS = (1, 2)  # (min, max) preprocessing actors per training worker's stream (and per split)
 MAX_LOGGED_SKIPS = 5  # per preprocessing actor; every skip is counted, only the first few are logged
 
 
@@ -62,7 +73,7 @@ class DataSpec:
     stats_actor: str | None = None  # name of the run's DataStats actor (raydiff.data.stats.create)
     buckets: tuple[tuple[int, int], ...] = ()  # (width, height) aspect-ratio buckets; () = square crops
     batch_size: int = 32  # rows per preprocessing call
-    concurrency: int | tuple[int, int] = (1, 2)  # (min, max) preprocessing actors per split, or a fixed size
+    concurrency: int | tuple[int, int] = PREPROCESS_ACTORS  # (min, max) actors, or a fixed size
 
     def __post_init__(self) -> None:
         if self.on_error not in ("skip", "raise"):
@@ -172,9 +183,13 @@ def _add_keys(batch: pa.Table, *, image_column: str) -> pa.Table:
     return batch.append_column(KEY_COLUMN, pa.array(row_keys(batch, image_column), type=pa.int64()))
 
 
-def _val_candidates(batch: pa.Table, *, image_column: str, threshold: int) -> pa.Table:
-    keys = row_keys(batch, image_column)
-    return pa.table({KEY_COLUMN: pa.array(keys[keys < threshold], type=pa.int64())})
+def _index_rows(batch: pa.Table, *, image_column: str, caption_column: str) -> pa.Table:
+    data, paths = image_parts(batch[image_column])
+    captions = batch[caption_column].to_pylist()
+    files = batch[FILE_COLUMN].to_pylist() if FILE_COLUMN in batch.column_names else [None] * len(data)
+    keys = np.array([sample_key(d, p) for d, p in zip(data, paths)], dtype=np.int64)
+    uids = np.array([sample_uid(d, p, c, f) for d, p, c, f in zip(data, paths, captions, files)], dtype=np.int64)
+    return pa.table({KEY_COLUMN: keys, "_uid": uids})
 
 
 def _select_split(batch: pa.Table, *, image_column: str, cutoff: int, val: bool) -> pa.Table:
@@ -184,25 +199,32 @@ def _select_split(batch: pa.Table, *, image_column: str, cutoff: int, val: bool)
     return batch.filter(mask)
 
 
+@dataclass(frozen=True)
+class DataIndex:
+    """What one cheap pass over the source (hashes only, no decode) tells: the split and the training samples."""
+
+    val_cutoff: int  # rows whose key is <= this are validation rows (-1: none)
+    train_uids: np.ndarray  # identities of the training rows, sorted (raydiff.data.stream)
+
+
+def index_source(spec: DataSpec) -> DataIndex:
+    """The val/train split and the sorted identities of the training rows: 16 bytes per row on the driver."""
+    ds = read_source(spec)
+    ds = ds.map_batches(_index_rows, batch_format="pyarrow",
+                        fn_kwargs={"image_column": spec.image_column, "caption_column": spec.caption_column})
+    parts = [(b[KEY_COLUMN].to_numpy(), b["_uid"].to_numpy())
+             for b in ds.iter_batches(batch_size=None, batch_format="pyarrow") if b.num_rows]
+    keys = np.concatenate([k for k, _ in parts]) if parts else np.zeros(0, np.int64)
+    uids = np.concatenate([u for _, u in parts]) if parts else np.zeros(0, np.int64)
+    cutoff = -1
+    if spec.val_fraction > 0 and spec.val_max_samples > 0:
+        cutoff = val_cutoff(keys[keys < int(spec.val_fraction * _HASH_SPACE)].tolist(), spec.val_max_samples)
+    logger.info("val split: %d of %d rows", int((keys <= cutoff).sum()), len(keys))
+    return DataIndex(cutoff, np.sort(uids[keys > cutoff]))
+
+
 def compute_val_cutoff(spec: DataSpec) -> int:
-    """One cheap pass (crc32 only, no decode) to find the split cutoff; returns -1 when val is disabled."""
-    if spec.val_fraction <= 0 or spec.val_max_samples <= 0:
-        return -1
-    threshold = int(spec.val_fraction * _HASH_SPACE)
-    ds = read_source(spec).select_columns([spec.image_column])
-    ds = ds.map_batches(
-        _val_candidates,
-        batch_format="pyarrow",
-        fn_kwargs={"image_column": spec.image_column, "threshold": threshold},
-    )
-    keys: list[int] = []
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        if KEY_COLUMN in batch.column_names:
-            keys.extend(batch[KEY_COLUMN].to_pylist())
-    cutoff = val_cutoff(keys, spec.val_max_samples)
-    n_val = sum(k <= cutoff for k in keys)
-    logger.info("val split: %d rows of %d candidates (cap %d)", n_val, len(keys), spec.val_max_samples)
-    return cutoff
+    return index_source(spec).val_cutoff
 
 
 def _max_length(tokenizer: Any) -> int:
@@ -301,13 +323,14 @@ class Preprocessor:
         files = batch[FILE_COLUMN].to_pylist() if FILE_COLUMN in batch.column_names else [None] * len(data)
         keys = row_keys(batch, self.image_column)
         epoch = self._current_epoch()
-        pixels, tids, kept, buckets = [], [], [], []
-        for d, p, f, k, c in zip(data, paths, files, keys, captions):
+        pixels, tids, kept, buckets, rows = [], [], [], [], []
+        for i, (d, p, f, k, c) in enumerate(zip(data, paths, files, keys, captions)):
             try:
                 px, t, b = self._sample(d, p, int(k), epoch)
             except (ValueError, OSError) as e:  # ImageDecodeError is a ValueError; OSError: unreadable path
                 self._skip_or_raise(describe_row(int(k), p, f), e)
                 continue
+            rows.append(i)
             pixels.append(px)
             tids.append(t)
             buckets.append(b)
@@ -326,6 +349,8 @@ class Preprocessor:
         }
         if self.buckets:  # batches are regrouped by this column on the training workers (buckets.torch_batches)
             out[BUCKET_COLUMN] = np.asarray(buckets, dtype=np.int64)
+        if ORDER_COLUMN in batch.column_names:  # the planned stream's place of each kept row (raydiff.data.stream)
+            out[ORDER_COLUMN] = batch[ORDER_COLUMN].to_numpy()[np.asarray(rows, dtype=np.int64)]
         return out
 
 
@@ -346,14 +371,8 @@ def _actor_pool(concurrency: int | tuple[int, int] | list[int]) -> ray.data.Acto
     return ray.data.ActorPoolStrategy(min_size=lo, max_size=hi)
 
 
-def _split_dataset(spec: DataSpec, tokenizer_path: str, epoch: int | None, cutoff: int, val: bool):
-    # A fresh read per split: each gets its own DataContext, so val's preserve_order doesn't leak into train.
-    ds, src = sources.read(spec.source, spec.format, spec.image_column, spec.caption_column)
-    ds = ds.map_batches(
-        _select_split,
-        batch_format="pyarrow",
-        fn_kwargs={"image_column": spec.image_column, "cutoff": cutoff, "val": val},
-    )
+def _preprocessed(ds: ray.data.Dataset, src: sources.Source, spec: DataSpec, tokenizer_path: str,
+                  epoch: int | None) -> ray.data.Dataset:
     return ds.map_batches(
         Preprocessor,
         batch_size=spec.batch_size,
@@ -379,17 +398,41 @@ def _split_dataset(spec: DataSpec, tokenizer_path: str, epoch: int | None, cutof
     )
 
 
-def build_datasets(spec: DataSpec, tokenizer_path: str, epoch: int | None = 0) -> dict[str, ray.data.Dataset]:
+def _split_dataset(spec: DataSpec, tokenizer_path: str, epoch: int | None, cutoff: int, val: bool):
+    # A fresh read per split: each gets its own DataContext, so val's preserve_order doesn't leak into train.
+    ds, src = sources.read(spec.source, spec.format, spec.image_column, spec.caption_column)
+    ds = ds.map_batches(
+        _select_split,
+        batch_format="pyarrow",
+        fn_kwargs={"image_column": spec.image_column, "cutoff": cutoff, "val": val},
+    )
+    return _preprocessed(ds, src, spec, tokenizer_path, epoch)
+
+
+def planned_train_dataset(spec: DataSpec, tokenizer_path: str, share: EpochShare) -> ray.data.Dataset:
+    """One worker's rows of one epoch in its stream order (raydiff.data.stream): pick the rows of the share (before
+    any decode), sort them by their place, then preprocess in order with that epoch's crops and flips."""
+    ds, src = sources.read(spec.source, spec.format, spec.image_column, spec.caption_column)
+    ds = ds.map_batches(assign_rows, batch_format="pyarrow",
+                        fn_kwargs={"image_column": spec.image_column, "caption_column": spec.caption_column,
+                                   "uids": share.uids, "orders": share.orders})
+    ds = _preprocessed(ds.sort(ORDER_COLUMN), src, spec, tokenizer_path, share.epoch)
+    ds.context.execution_options.preserve_order = True
+    return ds
+
+
+def build_datasets(spec: DataSpec, tokenizer_path: str, epoch: int | None = 0,
+                   index: DataIndex | None = None) -> dict[str, ray.data.Dataset]:
     """{"train", "val"} datasets with exactly the columns OUTPUT_COLUMNS.
 
-    Runs one light pass over the data now (the split cutoff); everything else is lazy. Val uses center crop,
-    no flip and preserved order, so each evaluation sees identical inputs in identical order. (Ray Train's
-    DataConfig replaces a dataset's execution options: pass ``preserve_order=True`` for "val" there too.)
+    Runs one light pass over the data now (the split cutoff) unless ``index`` is given; everything else is lazy.
+    Val uses center crop, no flip and preserved order, so each evaluation sees identical inputs in identical order.
+    (Ray Train's DataConfig replaces a dataset's execution options: pass ``preserve_order=True`` for "val" there.)
 
-    ``epoch`` fixes the train crops; ``None`` reseeds on each pass (see Preprocessor). Train rows are not
-    shuffled here: shuffle at ingest (e.g. ``iter_torch_batches(local_shuffle_buffer_size=...)``).
+    ``epoch`` fixes the train crops; ``None`` reseeds on each pass (see Preprocessor). This train dataset streams
+    in no fixed order; training reads the seeded, resumable per-worker stream of ``planned_train_dataset``.
     """
-    cutoff = compute_val_cutoff(spec)
+    cutoff = (index or index_source(spec)).val_cutoff
     train = _split_dataset(spec, tokenizer_path, epoch, cutoff, val=False)
     # Val stays square (center crop at data.resolution) and keeps every caption: its batches are encoded once, in a
     # fixed order.
@@ -397,3 +440,31 @@ def build_datasets(spec: DataSpec, tokenizer_path: str, epoch: int | None = 0) -
     val = _split_dataset(val_spec, tokenizer_path, 0, cutoff, val=True)
     val.context.execution_options.preserve_order = True
     return {"train": train, "val": val}
+
+
+def planned_batches(spec: DataSpec, tokenizer_path: str, uids: np.ndarray, pos: StreamPosition, rank: int,
+                    batch_size: int, prefetch_batches: int = 2) -> Iterator[tuple[dict[str, np.ndarray], int, int]]:
+    """Rank ``rank``'s training batches from its row ``pos.consumed[rank]`` on, epoch after epoch:
+    (numpy batch of ``batch_size`` rows, local rows consumed, epoch of the last row). Ends if an epoch yields no
+    usable row (every row of the share was skipped), so the caller can stop with the data error."""
+    n = len(uids)
+    if n == 0:
+        return
+    start_row = pos.consumed[rank]
+
+    def rows() -> Iterator[dict[str, np.ndarray]]:
+        epoch = epoch_of(n, pos, rank, start_row)
+        while True:
+            share = epoch_share(uids, spec.seed, pos, rank, epoch, start_row)
+            got = 0
+            if share.end > share.first:
+                ds = planned_train_dataset(spec, tokenizer_path, share)
+                for block in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=prefetch_batches):
+                    got += len(block[ORDER_COLUMN])
+                    yield block
+                if not got:
+                    return
+            epoch += 1
+
+    for batch, consumed in rebatch(rows(), batch_size, BUCKET_COLUMN if spec.buckets else None):
+        yield batch, consumed, epoch_of(n, pos, rank, consumed - 1)

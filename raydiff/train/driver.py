@@ -54,8 +54,16 @@ def init_ray(cfg: Config, num_cpus: float | None = None) -> None:
         ray.init(log_to_driver=True)
         return
     # Training workers hold fractional CPUs; make sure Ray Data's preprocessing still gets whole CPUs on a laptop.
-    needed = num_cpus or cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 2
+    needed = num_cpus or run_cpus(cfg)
     ray.init(num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)), include_dashboard=False)
+
+
+def run_cpus(cfg: Config) -> float:
+    """Logical CPUs one run needs to never stall: its workers, each worker's preprocessing actor pool at full size,
+    and one for the read and sort tasks that feed them."""
+    from raydiff.data.pipeline import PREPROCESS_ACTORS
+
+    return cfg.scaling.num_workers * (cfg.scaling.cpus_per_worker + PREPROCESS_ACTORS[1]) + 1
 
 
 def data_spec(cfg: Config, stats_actor: str | None = None):
@@ -82,20 +90,27 @@ def _ordered():
 
 def build_trainer(cfg: Config, callbacks: list | None = None) -> TorchTrainer:
     """A TorchTrainer for one run; `run.name` + `run.storage_path` identify it, so relaunching resumes it."""
+    import dataclasses
+
     from raydiff.data import stats
-    from raydiff.data.pipeline import build_datasets
+    from raydiff.data.pipeline import build_datasets, index_source
 
     stats_actor = stats.create()  # skipped-row counters shared by preprocessing actors and training workers
-    # epoch=None: crops and flips are reseeded on each pass over the data, so epochs differ.
-    datasets = build_datasets(data_spec(cfg, stats_actor), tokenizer_path=models.resolve_pretrained(cfg.model.pretrained),
-                              epoch=None)
+    spec = data_spec(cfg, stats_actor)
+    tokenizer_path = models.resolve_pretrained(cfg.model.pretrained)
+    index = index_source(spec)  # the split, and the training samples every worker's seeded stream draws from
+    if not len(index.train_uids):
+        raise ValueError(f"data.source {spec.source!r}: no training rows (all {cfg.data.val_max_samples} or fewer "
+                         "rows went to validation, or the source is empty)")
+    val = build_datasets(spec, tokenizer_path, index=index)["val"]
+    data = {"spec": dataclasses.asdict(spec), "tokenizer_path": tokenizer_path, "train_uids": index.train_uids}
     s = cfg.scaling
     # An explicit filesystem carries the endpoint and credentials to Ray Train's controller and workers.
     store_fs, store_path = storage.filesystem(storage_path(cfg)) if is_uri(storage_path(cfg)) else (None, storage_path(cfg))
     resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "run_dir": run_dir(cfg), "data_stats": stats_actor,
+        train_loop_config={"config": cfg.to_dict(), "run_dir": run_dir(cfg), "data_stats": stats_actor, "data": data,
                            "cloud_env": storage.cloud_env() if is_uri(storage_path(cfg)) else {}},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
@@ -106,8 +121,9 @@ def build_trainer(cfg: Config, callbacks: list | None = None) -> TorchTrainer:
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
             callbacks=callbacks,
         ),
-        datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["train"], execution_options={"val": _ordered()}),
+        # Only val goes through Ray Train's ingest; each worker reads its own training stream (raydiff.data.stream).
+        datasets={"val": val},
+        dataset_config=DataConfig(datasets_to_split=[], execution_options={"val": _ordered()}),
     )
 
 

@@ -13,9 +13,10 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import deepspeed
+import numpy as np
 import ray.train
 import ray.train.torch
 import torch
@@ -24,13 +25,12 @@ import torch.distributed as dist
 from raydiff import models, objective, storage, validation
 from raydiff.config import Config, from_dict
 from raydiff.data import stats as data_stats
-from raydiff.data.buckets import torch_batches
+from raydiff.data.stream import StreamPosition
+from raydiff.train import checkpoint as ckpt
+from raydiff.train.checkpoint import DS_TAG, EMA_FILE, STATE_FILE
 from raydiff.train.deepspeed_setup import PRECISION_DTYPES, build_lr_scheduler, build_optimizer, deepspeed_config
 from raydiff.train.metrics_log import MetricsLog
 
-DS_TAG = "deepspeed"  # one DeepSpeed tag per Ray checkpoint directory
-STATE_FILE = "trainer_state.json"
-EMA_FILE = "ema_unet.pt"  # fp32 EMA shadow of the UNet (rank 0 writes it; identical on every rank under ZeRO 0-2)
 
 
 @dataclass
@@ -38,8 +38,9 @@ class TrainState:
     """Resume state kept outside DeepSpeed's own files."""
 
     step: int = 0  # optimizer steps done
-    epoch: int = 0
+    epoch: int = 0  # epoch of the last sample trained on
     samples_seen: int = 0  # global, across workers
+    stream: dict = field(default_factory=dict)  # the data position: a raydiff.data.stream.StreamPosition
 
 
 @dataclass
@@ -70,6 +71,10 @@ class Worker:
         self.ema: dict[str, torch.Tensor] | None = None
         self.last_gamma = cfg.objective.gamma
         self.data_stats: str | None = None  # the run's data counter actor (raydiff.data.stats)
+        self.data: dict = {}  # spec, tokenizer path and training-sample identities (driver.build_trainer)
+        self.stream = StreamPosition()
+        self.checkpoint = None  # the ray.train.Checkpoint to resume from (find_checkpoint)
+        self.universal = False  # it was written by another number of workers
 
     # ------------------------------------------------------------ set-up
 
@@ -90,25 +95,46 @@ class Worker:
         unet = comps.unet
         if cfg.train.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
+        self.find_checkpoint()
+        ds_config = deepspeed_config(cfg, self.world)
+        if self.universal:  # DeepSpeed re-shards a universal checkpoint's optimizer state for any world size
+            ds_config["checkpoint"] = {"load_universal": True}
         optimizer = build_optimizer(unet.parameters(), cfg)
         self.engine, _, _, self.lr_scheduler = deepspeed.initialize(
             model=unet, optimizer=optimizer, lr_scheduler=build_lr_scheduler(optimizer, cfg),
-            config=deepspeed_config(cfg, self.world), dist_init_required=False)
+            config=ds_config, dist_init_required=False)
         if cfg.train.ema_decay is not None:  # ZeRO 0-2 only (config validation): module params are whole here
             self.ema = {n: p.detach().float().clone() for n, p in self.engine.module.named_parameters()}
 
-    def restore(self) -> None:
+    def find_checkpoint(self) -> None:
+        """The newest complete checkpoint, and whether it was written by another number of workers."""
         checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            return
-        with checkpoint.as_directory() as ckpt_dir:
-            self.engine.load_checkpoint(ckpt_dir, tag=DS_TAG)
-            with open(os.path.join(ckpt_dir, STATE_FILE)) as f:
-                self.state = TrainState(**json.load(f))
-            if self.ema is not None and os.path.exists(os.path.join(ckpt_dir, EMA_FILE)):
-                self.ema = torch.load(os.path.join(ckpt_dir, EMA_FILE), map_location=self.device)
-        if self.rank == 0:
-            print(f"[raydiff] resumed from {checkpoint.path} at step {self.state.step}", flush=True)
+        self.checkpoint = ckpt.latest_complete(checkpoint) if checkpoint is not None else None
+        saved_world = ckpt.saved_world_size(self.checkpoint) if self.checkpoint is not None else 0
+        self.universal = saved_world not in (0, self.world)
+        if self.universal and self.rank == 0:
+            print(f"[raydiff] checkpoint written by {saved_world} workers, resuming on {self.world}: converting it to "
+                  "DeepSpeed's universal format", flush=True)
+
+    def restore(self) -> None:
+        """Everything an unbroken run would have at this step: weights, optimizer, LR schedule, EMA, RNGs and the
+        data position (so the next batch is the one the unbroken run would train on)."""
+        checkpoint = self.checkpoint
+        if checkpoint is not None:
+            with checkpoint.as_directory() as ckpt_dir, tempfile.TemporaryDirectory(prefix="raydiff-uni-") as tmp:
+                load_dir = ckpt.to_universal(ckpt_dir, tmp) if self.universal else ckpt_dir
+                self.engine.load_checkpoint(load_dir, tag=DS_TAG)
+                with open(os.path.join(ckpt_dir, STATE_FILE)) as f:
+                    self.state = TrainState(**json.load(f))
+                if self.ema is not None and os.path.exists(os.path.join(ckpt_dir, EMA_FILE)):
+                    self.ema = torch.load(os.path.join(ckpt_dir, EMA_FILE), map_location=self.device)
+                if self.state.stream.get("world") == self.world:
+                    ckpt.load_rng_state(ckpt_dir, self.rank)
+        saved = StreamPosition(**self.state.stream) if self.state.stream else StreamPosition()
+        self.stream = saved.continue_with(self.world, self.cfg.train.batch_size)
+        if checkpoint is not None and self.rank == 0:
+            print(f"[raydiff] resumed from {checkpoint.path} at step {self.state.step} "
+                  f"(epoch {self.state.epoch}, data position {self.stream.samples_consumed()})", flush=True)
 
     # ------------------------------------------------------------ per-batch work
 
@@ -254,6 +280,9 @@ class Worker:
         if not with_checkpoint:
             ray.train.report(metrics)
             return
+        consumed = [None] * self.world  # every rank's data position goes into rank 0's trainer_state.json
+        dist.all_gather_object(consumed, self.stream.consumed[self.rank])
+        self.state.stream = dataclasses.asdict(dataclasses.replace(self.stream, consumed=consumed))
         tmp = tempfile.mkdtemp(prefix="raydiff-ckpt-")
         try:
             self.engine.save_checkpoint(tmp, tag=DS_TAG)
@@ -262,6 +291,8 @@ class Worker:
                     json.dump(dataclasses.asdict(self.state), f)
                 if self.ema is not None:
                     torch.save(self.ema, os.path.join(tmp, EMA_FILE))
+            ckpt.save_rng_state(tmp, self.rank)
+            ckpt.write_manifest(tmp, self.rank)
             dist.barrier()
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         finally:
@@ -272,7 +303,6 @@ class Worker:
     def train(self) -> None:
         cfg = self.cfg
         log = MetricsLog(storage.join(self.run_dir, "metrics.jsonl"), self.state.step) if self.rank == 0 else None
-        shard = ray.train.get_dataset_shard("train")
         global_batch = cfg.train.batch_size * cfg.train.grad_accum * self.world
         loss_sum, loss_count = torch.zeros((), device=self.device), 0
         window_start, window_steps, start_step = time.perf_counter(), 0, self.state.step
@@ -285,43 +315,50 @@ class Worker:
                 print(f"[raydiff] step 0/{cfg.train.max_steps} | val_loss {baseline['val_loss']:.4f} (untrained)",
                       flush=True)
             ray.train.report(baseline)
-        while self.state.step < cfg.train.max_steps:
-            epoch_batches = 0  # an epoch without one batch would loop forever: every row was bad
-            for batch in torch_batches(shard, cfg.train.batch_size, cfg.train.prefetch_batches, bool(cfg.data.buckets)):
-                epoch_batches += 1
-                loss_sum += self.train_micro_step(batch, micro)
-                loss_count += 1
-                micro += 1
-                if micro < cfg.train.grad_accum:
-                    continue
-                micro = 0
-                self.update_ema()
-                self.state.step += 1
-                self.state.samples_seen += global_batch
-                window_steps += 1
-                step = self.state.step
-                is_last = step >= cfg.train.max_steps
-                do_val = step % cfg.validation.every_n_steps == 0 or is_last
-                do_ckpt = step % cfg.checkpoint.every_n_steps == 0 or is_last
-                do_report = step % cfg.train.report_every_n_steps == 0 or do_val or do_ckpt
-                if not (step % cfg.train.log_every_n_steps == 0 or do_report):
-                    continue
-                metrics = self.step_metrics(loss_sum / max(loss_count, 1), window_start, window_steps, global_batch)
-                loss_sum, loss_count = torch.zeros((), device=self.device), 0
-                if do_val:
-                    metrics.update(self.validate())
-                if log is not None:
-                    log.append(metrics)
-                    self.print_progress(metrics, run_start, start_step)
-                if do_report:
-                    self.report(metrics, with_checkpoint=do_ckpt)
-                # samples_per_s measures training only, not validation or checkpoint time.
-                window_start, window_steps = time.perf_counter(), 0
-                if is_last:
-                    break
-            if not epoch_batches:
-                raise data_stats.no_data_error(self.data_stats, "train")
-            self.state.epoch += 1
+        for batch, consumed, epoch in self.train_batches():
+            loss_sum += self.train_micro_step(batch, micro)
+            loss_count += 1
+            micro += 1
+            if micro < cfg.train.grad_accum:
+                continue
+            micro = 0
+            self.stream.consumed[self.rank] = consumed  # only rows of completed optimizer steps count as consumed
+            self.update_ema()
+            self.state.step += 1
+            self.state.epoch = epoch
+            self.state.samples_seen += global_batch
+            window_steps += 1
+            step = self.state.step
+            is_last = step >= cfg.train.max_steps
+            do_val = step % cfg.validation.every_n_steps == 0 or is_last
+            do_ckpt = step % cfg.checkpoint.every_n_steps == 0 or is_last
+            do_report = step % cfg.train.report_every_n_steps == 0 or do_val or do_ckpt
+            if not (step % cfg.train.log_every_n_steps == 0 or do_report):
+                continue
+            metrics = self.step_metrics(loss_sum / max(loss_count, 1), window_start, window_steps, global_batch)
+            loss_sum, loss_count = torch.zeros((), device=self.device), 0
+            if do_val:
+                metrics.update(self.validate())
+            if log is not None:
+                log.append(metrics)
+                self.print_progress(metrics, run_start, start_step)
+            if do_report:
+                self.report(metrics, with_checkpoint=do_ckpt)
+            # samples_per_s measures training only, not validation or checkpoint time.
+            window_start, window_steps = time.perf_counter(), 0
+            if is_last:
+                return
+        raise data_stats.no_data_error(self.data_stats, "train")  # the stream ended: every row of an epoch was bad
+
+    def train_batches(self):
+        """(torch batch, rows consumed, epoch) from this rank's seeded stream, from the restored data position."""
+        from raydiff.data.pipeline import DataSpec, planned_batches
+
+        d = self.data
+        for batch, consumed, epoch in planned_batches(DataSpec(**d["spec"]), d["tokenizer_path"], d["train_uids"],
+                                                      self.stream, self.rank, self.cfg.train.batch_size,
+                                                      self.cfg.train.prefetch_batches):
+            yield {c: torch.from_numpy(np.ascontiguousarray(v)) for c, v in batch.items()}, consumed, epoch
 
     def step_metrics(self, mean_loss: torch.Tensor, window_start: float, window_steps: int, global_batch: int) -> dict:
         loss = mean_loss.detach().clone()
@@ -368,6 +405,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     os.environ.update(loop_config.get("cloud_env") or {})  # run-dir files on an object store (raydiff.storage)
     worker = Worker(cfg, loop_config["run_dir"])
     worker.data_stats = loop_config.get("data_stats")
+    worker.data = loop_config["data"]
     worker.setup()
     worker.restore()
     worker.load_validation()

@@ -14,14 +14,11 @@ from ray import tune
 
 from raydiff import storage
 from raydiff.config import Config, from_dict, run_dir, set_value, storage_path, validate
-from raydiff.train.driver import init_ray, load_cli_config, run_training
+from raydiff.train.driver import init_ray, load_cli_config, run_cpus, run_training
 from raydiff.tune.report import write_sweep_outputs
 
 METRIC, MODE = "val_loss", "min"
 TRIAL_DRIVER_CPUS = 0.01
-# Ray Data budgets each pipeline as if it had the cluster to itself; a trial's pipeline takes a read task plus up to
-# two preprocessing actors (data.pipeline's actor pool), a whole CPU each. Fewer CPUs per trial starve a trial's data.
-TRIAL_DATA_CPUS = 3
 
 
 def param_space(cfg: Config) -> dict:
@@ -60,7 +57,7 @@ def run_trial(params: dict, base: dict, sweep_dir: str) -> None:
 
 
 def cpus_per_trial(cfg: Config) -> float:
-    return cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + TRIAL_DATA_CPUS + TRIAL_DRIVER_CPUS
+    return run_cpus(cfg) + TRIAL_DRIVER_CPUS
 
 
 def max_concurrent_trials(cfg: Config, cluster: dict | None = None) -> int:
