@@ -356,12 +356,31 @@ def test_build_datasets_end_to_end(ray_local, dataset_dir, tokenizer_dir):
     assert len(set(train2_samples) - set(train_samples)) > len(train_samples) // 2
 
 
-def test_epoch_none_reseeds_each_pass(ray_local, dataset_dir, tokenizer_dir):
-    ds = build_datasets(_spec(dataset_dir, val_fraction=0.0), tokenizer_dir, epoch=None)["train"]
-    first, second = _as_samples(_collect(ds)), _as_samples(_collect(ds))
-    assert len(first) == len(second) == 49  # 48 demo + rgba; corrupt skipped; val disabled
-    assert sorted(t[:2] for _, t in first) == sorted(t[:2] for _, t in second)
-    assert len(set(second) - set(first)) > len(first) // 2
+def test_two_workers_streams_visit_each_sample_once_per_epoch_in_a_new_seeded_order(ray_local, dataset_dir,
+                                                                                    tokenizer_dir):
+    from raydiff.data.pipeline import index_source, planned_train_dataset
+    from raydiff.data.stream import ORDER_COLUMN, StreamPosition, epoch_share
+
+    spec = _spec(dataset_dir, val_fraction=0.0)
+    good = [r for r in _source_rows(dataset_dir) if r["path"] != CORRUPT_PATH]
+    uids = index_source(spec).train_uids
+    assert len(uids) == len(good) + 1  # the index pass hashes without decoding: the corrupt row is still listed
+    pos = StreamPosition(0, 2, 4, [0, 0])
+    orders_by_epoch = []
+    for epoch in (0, 1):
+        samples, stream = [], []
+        for rank in (0, 1):
+            share = epoch_share(uids, spec.seed, pos, rank, epoch, 0)
+            cols = _collect(planned_train_dataset(spec, tokenizer_dir, share))
+            got = cols[ORDER_COLUMN].tolist()
+            assert got == sorted(got) and set(got) <= set(share.orders.tolist())  # in stream order, own rows only
+            assert len(share.orders) - len(got) <= 1  # at most the corrupt row is missing
+            samples += _as_samples(cols)
+            stream += [(rank, j, s) for j, s in zip(got, _as_samples(cols))]
+        # Every good sample exactly once across both workers, with this epoch's crop and flip.
+        assert sorted(samples) == sorted(_expected(good, 11, epoch, center=False, flip=True))
+        orders_by_epoch.append([t[:2] for _, _, (_, t) in sorted(stream)])
+    assert orders_by_epoch[0] != orders_by_epoch[1]  # each epoch has its own order
 
 
 def test_on_error_raise_names_the_row(ray_local, dataset_dir, tokenizer_dir):

@@ -6,6 +6,9 @@ seed or row order), so every trial of a sweep validates on the same images, and 
 
 Seeding: each sample's crop/flip rng is ``SeedSequence([seed, epoch, crc32(image bytes)])`` — identical on any
 worker, batch size or read order.
+
+Training order: each worker reads its own seeded stream (``planned_train_dataset`` / ``planned_batches``; the
+arithmetic is in ``raydiff.data.stream``), found from one index pass over the source (``index_source``).
 """
 
 from __future__ import annotations
@@ -235,10 +238,7 @@ def _max_length(tokenizer: Any) -> int:
 
 class Preprocessor:
     """Callable class for ``map_batches``: decode → plan/apply crop → time_ids → tokenize with both tokenizers.
-
-    ``epoch=None`` reseeds on every pass over the dataset (Ray Data's per-dataset execution counter), so a
-    dataset handed once to a trainer still gets fresh crops each epoch; an int pins the crops (exact replay).
-    """
+    Crops, flips and caption dropout are seeded by (seed, ``epoch``, sample)."""
 
     def __init__(
         self,
@@ -250,7 +250,7 @@ class Preprocessor:
         center_crop: bool = False,
         random_flip: bool = True,
         seed: int = 0,
-        epoch: int | None = 0,
+        epoch: int = 0,
         on_error: str = "skip",
         caption_dropout: float = 0.0,
         max_aspect_ratio: float | None = None,
@@ -272,13 +272,6 @@ class Preprocessor:
         self.num_skipped = 0
         self._counts: dict[str, int] = {}  # this batch's counters, flushed to the stats actor per batch
         self._examples: list[str] = []
-
-    def _current_epoch(self) -> int:
-        if self.epoch is not None:
-            return self.epoch
-        from ray.data import DataContext
-
-        return int(getattr(DataContext.get_current(), "_execution_idx", 0))
 
     def _sample(self, data: bytes | None, path: str | None, key: int, epoch: int):
         img = decode_image(load_bytes(data, path, self.filesystem), self.max_aspect_ratio)
@@ -322,7 +315,7 @@ class Preprocessor:
         captions = batch[self.caption_column].to_pylist()
         files = batch[FILE_COLUMN].to_pylist() if FILE_COLUMN in batch.column_names else [None] * len(data)
         keys = row_keys(batch, self.image_column)
-        epoch = self._current_epoch()
+        epoch = self.epoch
         pixels, tids, kept, buckets, rows = [], [], [], [], []
         for i, (d, p, f, k, c) in enumerate(zip(data, paths, files, keys, captions)):
             try:
@@ -372,7 +365,7 @@ def _actor_pool(concurrency: int | tuple[int, int] | list[int]) -> ray.data.Acto
 
 
 def _preprocessed(ds: ray.data.Dataset, src: sources.Source, spec: DataSpec, tokenizer_path: str,
-                  epoch: int | None) -> ray.data.Dataset:
+                  epoch: int) -> ray.data.Dataset:
     return ds.map_batches(
         Preprocessor,
         batch_size=spec.batch_size,
@@ -398,7 +391,7 @@ def _preprocessed(ds: ray.data.Dataset, src: sources.Source, spec: DataSpec, tok
     )
 
 
-def _split_dataset(spec: DataSpec, tokenizer_path: str, epoch: int | None, cutoff: int, val: bool):
+def _split_dataset(spec: DataSpec, tokenizer_path: str, epoch: int, cutoff: int, val: bool):
     # A fresh read per split: each gets its own DataContext, so val's preserve_order doesn't leak into train.
     ds, src = sources.read(spec.source, spec.format, spec.image_column, spec.caption_column)
     ds = ds.map_batches(
@@ -421,7 +414,7 @@ def planned_train_dataset(spec: DataSpec, tokenizer_path: str, share: EpochShare
     return ds
 
 
-def build_datasets(spec: DataSpec, tokenizer_path: str, epoch: int | None = 0,
+def build_datasets(spec: DataSpec, tokenizer_path: str, epoch: int = 0,
                    index: DataIndex | None = None) -> dict[str, ray.data.Dataset]:
     """{"train", "val"} datasets with exactly the columns OUTPUT_COLUMNS.
 
@@ -429,8 +422,8 @@ def build_datasets(spec: DataSpec, tokenizer_path: str, epoch: int | None = 0,
     Val uses center crop, no flip and preserved order, so each evaluation sees identical inputs in identical order.
     (Ray Train's DataConfig replaces a dataset's execution options: pass ``preserve_order=True`` for "val" there.)
 
-    ``epoch`` fixes the train crops; ``None`` reseeds on each pass (see Preprocessor). This train dataset streams
-    in no fixed order; training reads the seeded, resumable per-worker stream of ``planned_train_dataset``.
+    ``epoch`` seeds the train crops. This train dataset streams in no fixed order (previews, benchmarks); training
+    reads the seeded, resumable per-worker stream of ``planned_train_dataset``.
     """
     cutoff = (index or index_source(spec)).val_cutoff
     train = _split_dataset(spec, tokenizer_path, epoch, cutoff, val=False)

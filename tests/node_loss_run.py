@@ -1,0 +1,59 @@
+"""Driver for tests/test_resume.py's node-loss test, run as its own process (it needs its own multi-node cluster):
+a head without CPUs and three worker nodes sharing one storage dir; once the run has passed `--remove-at`, the node
+hosting a training worker is removed. Prints the run directory on success.
+
+Usage: python tests/node_loss_run.py STORAGE REMOVE_AT [--set key=value ...]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+
+import psutil
+import ray
+from ray.cluster_utils import Cluster
+
+from raydiff import config as C
+from raydiff.train.driver import run_training
+from raydiff.train.metrics_log import read_metrics
+
+
+def node_with_a_training_worker(nodes):
+    for node in nodes:
+        raylet = node.all_processes["raylet"][0].process.pid
+        for child in psutil.Process(raylet).children(recursive=True):
+            try:
+                if any("RayTrainWorker" in part for part in child.cmdline()):
+                    return node
+            except psutil.Error:
+                continue
+    raise RuntimeError("no node hosts a training worker")
+
+
+def main() -> None:
+    storage, remove_at, overrides = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+    cfg = C.load_config("tiny_cpu", [f"run.storage_path={storage}", *overrides])
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    nodes = [cluster.add_node(num_cpus=3) for _ in range(3)]  # 2 are enough for the run: C.run_cpus of 2 workers
+    ray.init(address=cluster.address)
+    metrics = os.path.join(C.run_dir(cfg), "metrics.jsonl")
+
+    def remove_a_node() -> None:
+        while not (os.path.exists(metrics) and any(r["step"] >= remove_at for r in read_metrics(metrics))):
+            time.sleep(0.2)
+        node = node_with_a_training_worker(nodes)
+        cluster.remove_node(node, allow_graceful=False)
+        print(f"[node-loss] removed node {node.node_id} at step >= {remove_at}", flush=True)
+
+    threading.Thread(target=remove_a_node, daemon=True).start()
+    out = run_training(cfg)
+    print(f"[node-loss] finished {out.run_dir}", flush=True)
+    ray.shutdown()
+    cluster.shutdown()
+
+
+if __name__ == "__main__":
+    main()

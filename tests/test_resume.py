@@ -1,0 +1,184 @@
+"""Exact resume on a real local Ray cluster: a run whose worker is SIGKILLed, whose driver is SIGKILLed and relaunched,
+whose latest checkpoint is torn, or that resumes on fewer workers, ends with the weights of a run that never broke."""
+
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from raydiff import config as C
+from raydiff.train.driver import run_training
+from raydiff.train.metrics_log import read_metrics
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parent.parent
+STEPS = 4
+
+
+def overrides(storage, name: str, zero: int, *extra: str) -> list[str]:
+    # 30 demo images, at most 2 held out: the 4 steps of 2 workers x 4 rows cross an epoch boundary.
+    return [f"run.storage_path={storage}", f"run.name={name}", f"train.max_steps={STEPS}", f"deepspeed.zero_stage={zero}",
+            "checkpoint.every_n_steps=2", "checkpoint.keep=2", "validation.every_n_steps=4",
+            "validation.sample_steps=0", "validation.prompts=[]", "logging.sample_prompts=[]",
+            "data.demo_num_images=30", "data.val_max_samples=2", "run.max_failures=1", *extra]
+
+
+def final_unet(run_dir) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(run_dir, "final", "unet", "diffusion_pytorch_model.safetensors"))
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= 1e-6, f"weights differ from the unbroken run by up to {worst}"
+
+
+def losses(run_dir) -> dict[int, float]:
+    """step -> training loss; asserts each step is logged once (a resumed run never double-counts a step)."""
+    rows = [r for r in read_metrics(os.path.join(run_dir, "metrics.jsonl")) if r["step"] > 0]
+    steps = [r["step"] for r in rows]
+    assert steps == list(range(1, STEPS + 1)), steps
+    return {r["step"]: r["loss"] for r in rows}
+
+
+@pytest.fixture(scope="module")
+def unbroken(ray_local, tmp_path_factory):
+    """Runs that never broke, per ZeRO stage: (run dir, final UNet, losses)."""
+    runs = {}
+
+    def get(zero: int):
+        if zero not in runs:
+            out = run_training(C.load_config("tiny_cpu", overrides(tmp_path_factory.mktemp("unbroken"), "u", zero)))
+            runs[zero] = (out.run_dir, final_unet(out.run_dir), losses(out.run_dir))
+        return runs[zero]
+
+    return get
+
+
+def wait_for_step(run_dir: str, step: int, timeout: float = 900) -> None:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if os.path.exists(path) and any(r["step"] >= step for r in read_metrics(path)):
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"{path} did not reach step {step}")
+
+
+def training_worker_pids() -> list[int]:
+    """The RayTrainWorker processes of this test session's local cluster (descendants of this process)."""
+    return [p.pid for p in psutil.Process().children(recursive=True)
+            if any("RayTrainWorker" in part for part in _cmdline(p))]
+
+
+def _cmdline(p: psutil.Process) -> list[str]:
+    try:
+        return p.cmdline()
+    except psutil.Error:
+        return []
+
+
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("zero, kill_at", [(2, 3), (3, 1)])  # after the step-2 checkpoint / before any checkpoint
+def test_sigkilled_worker_resumes_to_the_unbroken_weights(unbroken, tmp_path, zero, kill_at):
+    base_dir, base_unet, base_losses = unbroken(zero)
+    cfg = C.load_config("tiny_cpu", overrides(tmp_path, "killed", zero))
+    killed = []
+
+    def kill_a_worker():
+        wait_for_step(C.run_dir(cfg), kill_at)
+        pids = training_worker_pids()
+        assert len(pids) == 2, pids
+        os.kill(pids[-1], signal.SIGKILL)
+        killed.append(pids[-1])
+
+    killer = threading.Thread(target=kill_a_worker, daemon=True)
+    killer.start()
+    out = run_training(cfg)
+    killer.join(timeout=5)
+    assert killed, "no worker was killed"
+    assert not psutil.pid_exists(killed[0]) or psutil.Process(killed[0]).status() == psutil.STATUS_ZOMBIE
+    assert_same_weights(final_unet(out.run_dir), base_unet)
+    assert losses(out.run_dir) == base_losses  # the same batches, step for step
+
+
+def driver_command(storage, name: str) -> list[str]:
+    sets = [arg for o in overrides(storage, name, 2, "run.max_failures=0") for arg in ("--set", o)]
+    return [sys.executable, "-m", "raydiff.train", "--config", "tiny_cpu", *sets]
+
+
+@pytest.mark.timeout(2400)
+def test_driver_kill_relaunch_torn_checkpoint_and_shrunk_world(unbroken, ray_local, tmp_path, capfd):
+    _, base_unet, base_losses = unbroken(2)
+    run_dir = str(tmp_path / "d")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+
+    # 1. The driver is SIGKILLed mid-run; the same command again resumes the same run and ends where an unbroken
+    #    run ends.
+    driver = subprocess.Popen(driver_command(tmp_path, "d"), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        wait_for_step(run_dir, 3)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=60)
+    finally:
+        driver.kill()
+    assert not os.path.exists(os.path.join(run_dir, "final")), "the driver was killed after the run finished"
+    relaunch = subprocess.run(driver_command(tmp_path, "d"), cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=1200)
+    assert relaunch.returncode == 0, relaunch.stdout[-3000:] + relaunch.stderr[-3000:]
+    assert "resumed from" in relaunch.stdout + relaunch.stderr
+    assert_same_weights(final_unet(run_dir), base_unet)
+    assert losses(run_dir) == base_losses
+
+    # 2. The newest checkpoint is torn (a shard cut short): the previous complete one is used, with a warning.
+    checkpoints = sorted(glob.glob(os.path.join(run_dir, "checkpoint_*")))
+    assert len(checkpoints) == 2  # checkpoint.keep
+    shard = sorted(glob.glob(os.path.join(checkpoints[-1], "deepspeed", "*optim_states.pt")))[-1]
+    with open(shard, "r+b") as f:
+        f.truncate(os.path.getsize(shard) // 2)
+    cfg = C.load_config("tiny_cpu", overrides(tmp_path, "d", 2))
+    run_training(cfg)
+    out = capfd.readouterr().out
+    assert f"checkpoint {checkpoints[-1]} is incomplete" in out and os.path.basename(shard) in out
+    assert f"resumed from {checkpoints[0]} at step 2" in out
+    assert_same_weights(final_unet(run_dir), base_unet)
+
+    # 3. Resume on 1 worker instead of 2: the checkpoint is re-sharded (DeepSpeed universal format) and the weights
+    #    arrive exactly; training then goes on.
+    run_training(C.load_config("tiny_cpu", overrides(tmp_path, "d", 2, "scaling.num_workers=1")))
+    assert "resuming on 1: converting it" in capfd.readouterr().out
+    assert_same_weights(final_unet(run_dir), base_unet)
+    longer = C.load_config("tiny_cpu", overrides(tmp_path, "d", 2, "scaling.num_workers=1", f"train.max_steps={STEPS + 2}"))
+    run_training(longer)
+    rows = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    assert [r["step"] for r in rows if r["step"] > STEPS] == [STEPS + 1, STEPS + 2]
+    assert any((final_unet(run_dir)[k] != base_unet[k]).any() for k in base_unet)  # it trained past the checkpoint
+
+
+@pytest.mark.timeout(1800)
+def test_node_loss_on_a_multi_node_cluster_ends_like_the_unbroken_run(unbroken, tmp_path):
+    """A head and three worker nodes (ray.cluster_utils.Cluster, in its own process); the node hosting a training
+    worker is removed after step 3; the two nodes left hold the run, which restarts from the step-2 checkpoint."""
+    _, base_unet, base_losses = unbroken(2)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "node_loss_run.py"), str(tmp_path), "3",
+                           *overrides(tmp_path, "n", 2)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "[node-loss] removed node" in proc.stdout
+    assert_same_weights(final_unet(tmp_path / "n"), base_unet)
+    assert losses(tmp_path / "n") == base_losses
