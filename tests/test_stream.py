@@ -97,8 +97,8 @@ def _table(images: list[bytes], captions: list[str]) -> pa.Table:
 
 def test_assign_rows_keeps_the_share_once_per_place_including_duplicate_rows():
     table = _table([b"a", b"b", b"c", b"a"], ["x", "y", "z", "x"])  # rows 0 and 3 are the same sample
-    uid = {name: sample_uid(name, None, cap, "f.parquet") for name, cap in [(b"a", "x"), (b"b", "y"), (b"c", "z")]}
-    assert uid[b"a"] != sample_uid(b"a", None, "other caption", "f.parquet")
+    uid = {name: sample_uid(name, None, cap) for name, cap in [(b"a", "x"), (b"b", "y"), (b"c", "z")]}
+    assert uid[b"a"] != sample_uid(b"a", None, "other caption")
     share = sorted([(uid[b"a"], 5), (uid[b"a"], 2), (uid[b"c"], 0)])
     out = assign_rows(table, image_column="image", caption_column="text",
                       uids=np.array([u for u, _ in share], dtype=np.int64),

@@ -14,9 +14,9 @@ pytestmark = pytest.mark.integration
 
 
 def tiny_cfg(tmp_path, name, *overrides):
-    return C.load_config("tiny_cpu", [f"run.storage_path={tmp_path}", f"run.name={name}", "train.max_steps=24",
-                                      "validation.every_n_steps=12", "checkpoint.every_n_steps=12",
-                                      "data.demo_num_images=96", "data.val_fraction=0.15", *overrides])
+    return C.load_config("tiny_cpu", [f"run.storage_path={tmp_path}", f"run.name={name}", "train.max_steps=12",
+                                      "validation.every_n_steps=6", "checkpoint.every_n_steps=6",
+                                      "data.demo_num_images=64", "data.val_fraction=0.15", *overrides])
 
 
 def checkpoint_fp32_weights(checkpoint_path):
@@ -50,7 +50,7 @@ def test_train_val_loss_falls_and_export_loads(ray_local, tmp_path, stage):
     cfg = tiny_cfg(tmp_path, f"zero{stage}", f"deepspeed.zero_stage={stage}")
     out = run_training(cfg)
     rows = read_metrics(out.metrics_path)
-    assert [r["step"] for r in rows] == list(range(0, 25))
+    assert [r["step"] for r in rows] == list(range(0, 13))
     vals = [r["val_loss"] for r in rows if r.get("val_loss") is not None]
     assert len(vals) == 3 and vals[-1] < vals[0], vals
     assert all(r["gamma"] == 0.1 for r in rows)
@@ -58,13 +58,3 @@ def test_train_val_loss_falls_and_export_loads(ray_local, tmp_path, stage):
     assert C.load_config(os.path.join(out.run_dir, "config.yaml")) == cfg
     assert_export_matches_checkpoint(out)
     assert_generates(out.model_dir)
-
-
-def test_relaunch_with_same_name_continues(ray_local, tmp_path):
-    first = run_training(tiny_cfg(tmp_path, "resume", "train.max_steps=12"))
-    assert first.metrics["step"] == 12
-    second = run_training(tiny_cfg(tmp_path, "resume", "train.max_steps=24"))
-    assert second.metrics["step"] == 24
-    steps = [r["step"] for r in read_metrics(second.metrics_path)]
-    assert steps == list(range(0, 25)), "the relaunch must continue the step count and the same metrics.jsonl"
-    assert_export_matches_checkpoint(second)

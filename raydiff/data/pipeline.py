@@ -189,9 +189,8 @@ def _add_keys(batch: pa.Table, *, image_column: str) -> pa.Table:
 def _index_rows(batch: pa.Table, *, image_column: str, caption_column: str) -> pa.Table:
     data, paths = image_parts(batch[image_column])
     captions = batch[caption_column].to_pylist()
-    files = batch[FILE_COLUMN].to_pylist() if FILE_COLUMN in batch.column_names else [None] * len(data)
     keys = np.array([sample_key(d, p) for d, p in zip(data, paths)], dtype=np.int64)
-    uids = np.array([sample_uid(d, p, c, f) for d, p, c, f in zip(data, paths, captions, files)], dtype=np.int64)
+    uids = np.array([sample_uid(d, p, c) for d, p, c in zip(data, paths, captions)], dtype=np.int64)
     return pa.table({KEY_COLUMN: keys, "_uid": uids})
 
 

@@ -7,8 +7,8 @@ positions ``s = e·N + i``. A *segment* (one launch of a run, or a restart after
 rank r takes the B positions ``start + m·W·B + r·B + b``; its local row j is micro-step ``j // B``, slot ``j % B``.
 So every epoch is exactly-once across workers (no row dropped, none repeated) and a batch may straddle two epochs.
 
-A sample is identified by a 64-bit digest of its image (bytes, or path for image folders), caption and source file.
-Identical rows (same image, caption and file) are interchangeable: each keeps its own place in the stream.
+A sample is identified by a 63-bit digest of its image (bytes, or path for image folders) and caption, not of where
+it is stored. Identical rows (same image and caption) are interchangeable: each keeps its own place in the stream.
 
 A row that fails preprocessing (skipped, counted) is replaced by the worker's next row of the stream, so batches
 stay full; the worker records how many local rows it has consumed, and a restart continues from there.
@@ -32,11 +32,11 @@ UID_COLUMN = "_uid"
 # ---------------------------------------------------------------- identity and order (pure)
 
 
-def sample_uid(image: bytes | None, path: str | None, caption: Any, file: str | None) -> int:
-    """A 64-bit identity of a row (as a non-negative int64-safe integer)."""
+def sample_uid(image: bytes | None, path: str | None, caption: Any) -> int:
+    """A 63-bit identity of a row from its content only, so the order survives moving the data elsewhere."""
     h = hashlib.blake2b(digest_size=8)
     h.update(image if image else (path or "").encode("utf-8"))
-    h.update(b"\0" + repr(caption).encode("utf-8") + b"\0" + (file or "").encode("utf-8"))
+    h.update(b"\0" + repr(caption).encode("utf-8"))
     return int.from_bytes(h.digest(), "little") >> 1
 
 
@@ -128,12 +128,10 @@ def assign_rows(batch: pa.Table, *, image_column: str, caption_column: str, uids
     and the worker keeps one row per ``_order`` (identical rows, so which copy does not matter).
     """
     from raydiff.data.pipeline import image_parts
-    from raydiff.data.sources import FILE_COLUMN
 
     data, paths = image_parts(batch[image_column])
     captions = batch[caption_column].to_pylist()
-    files = batch[FILE_COLUMN].to_pylist() if FILE_COLUMN in batch.column_names else [None] * len(data)
-    row_uids = np.array([sample_uid(d, p, c, f) for d, p, c, f in zip(data, paths, captions, files)], dtype=np.int64)
+    row_uids = np.array([sample_uid(d, p, c) for d, p, c in zip(data, paths, captions)], dtype=np.int64)
     lo, hi = np.searchsorted(uids, row_uids, "left"), np.searchsorted(uids, row_uids, "right")
     take = np.repeat(np.arange(len(row_uids)), hi - lo)
     order = np.concatenate([orders[a:b] for a, b in zip(lo, hi)]) if len(take) else np.zeros(0, np.int64)

@@ -10,7 +10,6 @@ a torn one (a copy cut short, a lost upload) is passed over for the previous com
 from __future__ import annotations
 
 import json
-import logging
 import os
 import posixpath
 import random
@@ -18,8 +17,6 @@ import random
 import numpy as np
 import pyarrow.fs as pafs
 import torch
-
-logger = logging.getLogger(__name__)
 
 DS_TAG = "deepspeed"  # one DeepSpeed tag per Ray checkpoint directory
 STATE_FILE = "trainer_state.json"
@@ -89,9 +86,9 @@ def check_complete(fs: pafs.FileSystem, path: str) -> None:
                                            f"bytes, expected {size}")
 
 
-def latest_complete(checkpoint):
+def latest_complete(checkpoint, announce: bool = True):
     """``checkpoint`` if complete, else the newest complete checkpoint beside it (a warning names each one passed
-    over); raises IncompleteCheckpoint when none is."""
+    over, printed when ``announce``: one rank is enough); raises IncompleteCheckpoint when none is."""
     from ray.train import Checkpoint
 
     fs, parent = checkpoint.filesystem, posixpath.dirname(checkpoint.path.rstrip("/"))
@@ -105,8 +102,8 @@ def latest_complete(checkpoint):
             check_complete(fs, path)
         except IncompleteCheckpoint as err:
             problems.append(str(err))
-            logger.warning("checkpoint %s is incomplete, passing over it: %s", path, err)
-            print(f"[raydiff] WARNING: checkpoint {path} is incomplete ({err}); trying the previous one", flush=True)
+            if announce:
+                print(f"[raydiff] WARNING: checkpoint {path} is incomplete ({err}); trying the previous one", flush=True)
             continue
         return checkpoint if path == checkpoint.path else Checkpoint(path, filesystem=fs)
     raise IncompleteCheckpoint("no complete checkpoint to resume from: " + "; ".join(problems) +

@@ -99,9 +99,6 @@ def build_trainer(cfg: Config, callbacks: list | None = None) -> TorchTrainer:
     spec = data_spec(cfg, stats_actor)
     tokenizer_path = models.resolve_pretrained(cfg.model.pretrained)
     index = index_source(spec)  # the split, and the training samples every worker's seeded stream draws from
-    if not len(index.train_uids):
-        raise ValueError(f"data.source {spec.source!r}: no training rows (all {cfg.data.val_max_samples} or fewer "
-                         "rows went to validation, or the source is empty)")
     val = build_datasets(spec, tokenizer_path, index=index)["val"]
     data = {"spec": dataclasses.asdict(spec), "tokenizer_path": tokenizer_path, "train_uids": index.train_uids}
     s = cfg.scaling

@@ -109,7 +109,7 @@ class Worker:
     def find_checkpoint(self) -> None:
         """The newest complete checkpoint, and whether it was written by another number of workers."""
         checkpoint = ray.train.get_checkpoint()
-        self.checkpoint = ckpt.latest_complete(checkpoint) if checkpoint is not None else None
+        self.checkpoint = ckpt.latest_complete(checkpoint, self.rank == 0) if checkpoint is not None else None
         saved_world = ckpt.saved_world_size(self.checkpoint) if self.checkpoint is not None else 0
         self.universal = saved_world not in (0, self.world)
         if self.universal and self.rank == 0:
@@ -302,7 +302,10 @@ class Worker:
 
     def train(self) -> None:
         cfg = self.cfg
-        log = MetricsLog(storage.join(self.run_dir, "metrics.jsonl"), self.state.step) if self.rank == 0 else None
+        # Rows up to the restored step stay; a start from scratch (also after a failure before any checkpoint)
+        # logs everything again, from the step-0 baseline.
+        kept = self.state.step if self.checkpoint is not None else -1
+        log = MetricsLog(storage.join(self.run_dir, "metrics.jsonl"), kept) if self.rank == 0 else None
         global_batch = cfg.train.batch_size * cfg.train.grad_accum * self.world
         loss_sum, loss_count = torch.zeros((), device=self.device), 0
         window_start, window_steps, start_step = time.perf_counter(), 0, self.state.step
