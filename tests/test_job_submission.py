@@ -89,8 +89,9 @@ def start_head(attempt: int):
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
     ports = dict(zip(["node-manager", "object-manager", "metrics-export", "dashboard-agent-listen",
                       "dashboard-agent-grpc", "runtime-env-agent", "ray-client-server"], others))
+    # 6 logical CPUs: what raydiff.train.driver.run_cpus asks for a 2-worker run (workers + their data pipelines).
     cmd = [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--dashboard-host=127.0.0.1",
-           f"--dashboard-port={dash}", f"--temp-dir={temp_dir}", "--num-cpus=4", "--include-dashboard=true",
+           f"--dashboard-port={dash}", f"--temp-dir={temp_dir}", "--num-cpus=6", "--include-dashboard=true",
            "--disable-usage-stats", *(f"--{k}-port={v}" for k, v in ports.items())]
     head = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     return head, psutil.Process(head.pid), temp_dir, JobsCLI(f"http://127.0.0.1:{dash}", env)
