@@ -50,6 +50,11 @@ class TrainSection:
     seed: int = 0
     grad_clip: float = 1.0  # 0 disables clipping
     gradient_checkpointing: bool = False
+    # Speed switches (raydiff/train/speed.py, measured in docs/performance.md): attention kernel (sdpa: PyTorch's
+    # fused scaled_dot_product_attention; eager: diffusers' explicit softmax), NHWC convolutions, torch.compile.
+    attention: str = "sdpa"
+    channels_last: bool = False
+    compile: bool = False
     log_every_n_steps: int = 1  # metrics.jsonl + progress line (rank 0, cheap)
     # ray.train.report is a barrier that waits for the controller (~0.1-2 s); validation and checkpoint steps
     # always report, this adds reports in between (what Tune schedulers see).
@@ -374,6 +379,7 @@ _CHOICES = {
     "tune.scheduler": ("asha", "fifo"),
     "tune.search_alg": ("random", "optuna"),
     "data.format": (None, "parquet", "imagefolder", "webdataset"),
+    "train.attention": ("sdpa", "eager"),
 }
 
 _POSITIVE = ("scaling.num_workers", "train.max_steps", "train.batch_size", "train.grad_accum", "optim.lr",
@@ -418,6 +424,9 @@ def validate(cfg: Config) -> Config:
     _check(bool(cfg.run.name) and "/" not in cfg.run.name, "run.name", f"must be a non-empty name without '/', got {cfg.run.name!r}")
     _check(bool(cfg.run.storage_path), "run.storage_path", "must be set")
     _validate_objective(cfg)
+    # ZeRO-3 gathers each parameter in module hooks around every forward; compiling through them is untested here.
+    _check(not (cfg.train.compile and cfg.deepspeed.zero_stage == 3), "train.compile",
+           "is not supported with deepspeed.zero_stage: 3; use zero_stage 0-2 or train.compile: false")
     _check(cfg.tune.reduction_factor > 1, "tune.reduction_factor", f"must be > 1, got {cfg.tune.reduction_factor}")
     _check(cfg.tune.max_concurrent_trials is None or cfg.tune.max_concurrent_trials > 0, "tune.max_concurrent_trials",
            f"must be > 0 or null, got {cfg.tune.max_concurrent_trials}")

@@ -37,7 +37,8 @@ def gamma_at(schedule: str, gamma: float, step: int, decay_steps: int = 0, batch
     """The IP strength in force at optimizer step `step` (0-based).
 
     constant: gamma. linear_decay: gamma * (1 - step / N) for step < N, then 0. random_strength: u ~ U(0, gamma),
-    one per batch (a float) or, with `per_sample`, one per sample (a tensor of shape [batch]).
+    one per batch (a 0-dim tensor) or, with `per_sample`, one per sample (a tensor of shape [batch]); both stay on
+    the generator's device, so a training step never waits for the GPU to hand back a Python float.
     """
     if schedule == "constant":
         return float(gamma)
@@ -46,7 +47,7 @@ def gamma_at(schedule: str, gamma: float, step: int, decay_steps: int = 0, batch
     if schedule == "random_strength":
         u = torch.rand(batch if per_sample else 1, generator=generator, device=getattr(generator, "device", None),
                        dtype=torch.float64) * gamma
-        return u.float() if per_sample else u.item()
+        return u.float() if per_sample else u[0].float()
     raise ValueError(f"unknown gamma schedule {schedule!r} ({' | '.join(GAMMA_SCHEDULES)})")
 
 
@@ -128,7 +129,7 @@ def make_training_batch(x0: torch.Tensor, alphas_cumprod: torch.Tensor, predicti
 
 def snr(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """Signal-to-noise ratio ab_t / (1 - ab_t) of the clean forward process (IP does not change the timestep's SNR)."""
-    ab = alphas_cumprod.to(torch.float64)[timesteps.cpu()]
+    ab = alphas_cumprod.to(timesteps.device, torch.float64)[timesteps]  # gathered on-device: no host sync
     return ab / (1 - ab)
 
 

@@ -30,6 +30,7 @@ from raydiff.train import checkpoint as ckpt
 from raydiff.train.checkpoint import DS_TAG, EMA_FILE, STATE_FILE
 from raydiff.train.deepspeed_setup import PRECISION_DTYPES, build_lr_scheduler, build_optimizer, deepspeed_config
 from raydiff.train.metrics_log import MetricsLog
+from raydiff.train.speed import apply_speed_settings
 
 
 
@@ -92,9 +93,7 @@ class Worker:
         self.num_train_timesteps = comps.noise_scheduler.config.num_train_timesteps
         self.prediction_type = cfg.objective.prediction_type or comps.noise_scheduler.config.prediction_type
         self.comps = comps  # tokenizers and scheduler config for the sample images
-        unet = comps.unet
-        if cfg.train.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
+        unet = apply_speed_settings(comps.unet, cfg)  # attention kernel, checkpointing, channels_last, compile
         self.find_checkpoint()
         ds_config = deepspeed_config(cfg, self.world)
         if self.universal:  # DeepSpeed re-shards a universal checkpoint's optimizer state for any world size
@@ -165,7 +164,7 @@ class Worker:
         gen = step_generator(self.device, self.cfg.train.seed, self.state.step, micro, self.rank)
         cond = self.encode(batch, gen)
         gamma = self.gamma(cond.latents.shape[0], gen)
-        self.last_gamma = gamma.mean().item() if isinstance(gamma, torch.Tensor) else gamma
+        self.last_gamma = gamma.mean() if isinstance(gamma, torch.Tensor) else gamma  # no host sync: read at log time
         noised = objective.make_training_batch(cond.latents, self.alphas_cumprod, self.prediction_type, gamma, gen,
                                                noise_offset=o.noise_offset)
         weights = None if o.snr_gamma is None else objective.min_snr_weights(
@@ -369,7 +368,7 @@ class Worker:
         elapsed = max(time.perf_counter() - window_start, 1e-9)
         return {"step": self.state.step, "epoch": self.state.epoch, "loss": loss.item() / self.world,
                 "lr": self.lr_scheduler.get_last_lr()[0], "samples_per_s": window_steps * global_batch / elapsed,
-                "gamma": self.last_gamma, "time": time.time(), **data_stats.metrics(self.data_stats)}
+                "gamma": float(self.last_gamma), "time": time.time(), **data_stats.metrics(self.data_stats)}
 
     def gamma_now(self) -> float:
         """The gamma the schedule gives at the current step (random_strength: its mean, gamma / 2)."""
