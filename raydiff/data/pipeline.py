@@ -450,8 +450,11 @@ def planned_batches(spec: DataSpec, tokenizer_path: str, uids: np.ndarray, pos: 
             share = epoch_share(uids, spec.seed, pos, rank, epoch, start_row)
             got = 0
             if share.end > share.first:
-                ds = planned_train_dataset(spec, tokenizer_path, share)
-                for block in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=prefetch_batches):
+                # Executed through a one-way streaming split: its coordinator actor runs the read, sort and
+                # preprocessing outside this worker's placement group (inside a Tune trial, tasks launched by the
+                # worker itself would be held to the worker's bundle and could never be scheduled).
+                it = planned_train_dataset(spec, tokenizer_path, share).streaming_split(1)[0]
+                for block in it.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=prefetch_batches):
                     got += len(block[ORDER_COLUMN])
                     yield block
                 if not got:

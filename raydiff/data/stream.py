@@ -150,8 +150,10 @@ def rebatch(batches: Iterable[dict[str, np.ndarray]], batch_size: int,
     consumed = 0
     for batch in batches:
         for i, order in enumerate(batch[ORDER_COLUMN]):
-            if order <= last_order:  # a duplicate copy of a row already taken
+            if order == last_order:  # a second copy of an identical row (they arrive next to each other)
                 continue
+            if order < last_order:
+                raise RuntimeError(f"training stream out of order: row {order} after row {last_order}")
             last_order = int(order)
             row = {c: batch[c][i] for c in batch}
             group = int(row[group_column]) if group_column else 0
