@@ -450,10 +450,7 @@ def planned_batches(spec: DataSpec, tokenizer_path: str, uids: np.ndarray, pos: 
             share = epoch_share(uids, spec.seed, pos, rank, epoch, start_row)
             got = 0
             if share.end > share.first:
-                # Executed through a one-way streaming split: its coordinator actor runs the read, sort and
-                # preprocessing outside this worker's placement group (inside a Tune trial, tasks launched by the
-                # worker itself would be held to the worker's bundle and could never be scheduled).
-                it = planned_train_dataset(spec, tokenizer_path, share).streaming_split(1)[0]
+                it = _outside_placement_group(planned_train_dataset(spec, tokenizer_path, share))
                 for block in it.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=prefetch_batches):
                     got += len(block[ORDER_COLUMN])
                     yield block
@@ -463,3 +460,21 @@ def planned_batches(spec: DataSpec, tokenizer_path: str, uids: np.ndarray, pos: 
 
     for batch, consumed in rebatch(rows(), batch_size, BUCKET_COLUMN if spec.buckets else None):
         yield batch, consumed, epoch_of(n, pos, rank, consumed - 1)
+
+
+@ray.remote(num_cpus=0)
+class _SplitLauncher:
+    def split(self, ds: ray.data.Dataset):
+        return ds.streaming_split(1)[0]
+
+
+def _outside_placement_group(ds: ray.data.Dataset):
+    """An iterator over ``ds`` whose execution (read, sort, preprocessing) is scheduled outside the caller's placement
+    group: a training worker's group can capture the tasks it launches (it does inside Tune trials), and they could
+    never fit the worker's bundle. A launcher actor placed with the default strategy creates the split coordinator
+    that runs the execution; the launcher stays alive as long as the iterator."""
+    launcher = _SplitLauncher.options(scheduling_strategy="DEFAULT").remote()
+    it = ray.get(launcher.split.remote(ds))
+    it._raydiff_launcher = launcher  # keeps the coordinator's owner alive
+    return it
+
