@@ -344,6 +344,8 @@ class Worker:
             if log is not None:
                 log.append(metrics)
                 self.print_progress(metrics, run_start, start_step)
+            if is_last:  # before the last report: a Tune scheduler may stop the trial as soon as it sees max_steps
+                self.export()
             if do_report:
                 self.report(metrics, with_checkpoint=do_ckpt)
             # samples_per_s measures training only, not validation or checkpoint time.
@@ -412,5 +414,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
     worker.restore()
     worker.load_validation()
     if worker.state.step < cfg.train.max_steps:
-        worker.train()
-    worker.export()
+        worker.train()  # exports at its last step
+    else:
+        worker.export()  # resumed from the final checkpoint
