@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import io
+import itertools
 import os
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 from PIL import Image
 
 from raydiff import config as C
-from raydiff.data.buckets import SDXL_BUCKETS_1024, bucket_batches, closest_bucket, parse_buckets, torch_batches
-from raydiff.data.pipeline import DataSpec, _stack, build_datasets
+from raydiff.data.buckets import SDXL_BUCKETS_1024, closest_bucket, parse_buckets
+from raydiff.data.pipeline import DataSpec, _stack, build_datasets, index_source, planned_batches
+from raydiff.data.stream import ORDER_COLUMN, StreamPosition, rebatch
 from raydiff.data.transforms import apply_crop, plan_crop, sample_rng, time_ids
 
 
@@ -70,14 +71,16 @@ def test_bucket_batches_hold_one_bucket_and_keep_rows():
     def col(values):  # ragged pixels as Ray hands them over: an object array of arrays
         return _stack(values) if isinstance(values[0], np.ndarray) else np.array(values)
 
-    batches_in = [{c: col([r[c] for r in rows[k:k + 7]]) for c in rows[0]} for k in range(0, 40, 7)]
-    out = list(bucket_batches(batches_in, 4))
+    batches_in = [{ORDER_COLUMN: np.arange(k, min(k + 7, 40)), **{c: col([r[c] for r in rows[k:k + 7]]) for c in rows[0]}}
+                  for k in range(0, 40, 7)]
+    out = [b for b, _ in rebatch(batches_in, 4, "bucket")]
     assert out and all(len(set(b["bucket"].tolist())) == 1 and len(b["id"]) == 4 for b in out)
     assert all(b["pixels"].shape == (4, 3, 8 * (int(b["bucket"][0]) + 1), 8) for b in out)
     ids = [int(i) for b in out for i in b["id"]]
     assert len(ids) == len(set(ids))
-    every = [int(i) for b in bucket_batches(batches_in, 4, drop_last=False) for i in b["id"]]
-    assert sorted(every) == list(range(40))
+    # Every row is handed out once its bucket fills; only each bucket's last < 4 rows are still waiting.
+    per_bucket = np.bincount([r["bucket"] for r in rows])
+    assert len(ids) == sum(4 * (n // 4) for n in per_bucket)
 
 
 def _png(w, h):
@@ -102,10 +105,11 @@ def test_preprocessor_assigns_buckets(ray_local, tiny_sdxl, tmp_path):
         bw, bh = buckets[int(r["bucket"])]
         assert int(r["bucket"]) == closest_bucket(ow, oh, list(buckets))
         assert r["pixels"].shape == (3, bh, bw) and tuple(r["time_ids"][4:]) == (bh, bw)
-    # What a training worker gets: torch batches of one bucket each (Dataset and shard share iter_batches).
-    batches = list(torch_batches(ds, 2, 1, bucketed=True))
-    assert batches and sum(len(b["bucket"]) for b in batches) <= len(sizes)
+    # What a training worker gets from its stream: batches of one bucket each.
+    stream = planned_batches(spec, tiny_sdxl, index_source(spec).train_uids, StreamPosition(0, 1, 2, [0]), 0, 2)
+    batches = [b for b, _, _ in itertools.islice(stream, 3)]
+    assert len(batches) == 3
     for b in batches:
-        assert len(set(b["bucket"].tolist())) == 1 and b["pixels"].dtype == torch.uint8
+        assert len(set(b["bucket"].tolist())) == 1 and b["pixels"].dtype == np.uint8
         bw, bh = buckets[int(b["bucket"][0])]
         assert tuple(b["pixels"].shape) == (2, 3, bh, bw) and b["time_ids"].shape == (2, 6)

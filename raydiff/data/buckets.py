@@ -3,18 +3,14 @@ holds a single bucket (tensors of one shape), with per-sample ``time_ids``.
 
 ``data.buckets: [sdxl]`` is the usual SDXL list of ~1024² sizes (width and height multiples of 64, aspect 1:4 to
 4:1), scaled to ``data.resolution``; or list ``WxH`` sizes yourself. Batching by bucket happens on each training
-worker over its own shard, so it stays streaming: a bucket's rows wait in a small per-bucket buffer until a batch
-is full.
+worker over its own stream, so it stays streaming: a bucket's rows wait in a small per-bucket buffer until a batch
+is full (``raydiff.data.stream.rebatch``).
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections import defaultdict
-from typing import Iterable, Iterator
-
-import numpy as np
 
 # (width, height) at 1024² — the list SDXL was trained with.
 SDXL_BUCKETS_1024 = (
@@ -51,35 +47,3 @@ def closest_bucket(w: int, h: int, buckets: list[tuple[int, int]]) -> int:
     """Index of the bucket nearest in log aspect ratio (so 2:1 and 1:2 are equally far from 1:1); first on ties."""
     target = math.log(w / h)
     return min(range(len(buckets)), key=lambda i: abs(math.log(buckets[i][0] / buckets[i][1]) - target))
-
-
-def bucket_batches(batches: Iterable[dict[str, np.ndarray]], batch_size: int,
-                   drop_last: bool = True) -> Iterator[dict[str, np.ndarray]]:
-    """Regroup rows so every yielded batch holds ``batch_size`` rows of one bucket (incomplete ones at the end are
-    dropped unless ``drop_last`` is false)."""
-    pending: dict[int, list[dict[str, np.ndarray]]] = defaultdict(list)
-
-    def stack(rows):
-        return {c: np.stack([r[c] for r in rows]) for c in rows[0]}
-
-    for batch in batches:
-        for i, b in enumerate(batch[BUCKET_COLUMN]):
-            rows = pending[int(b)]
-            rows.append({c: batch[c][i] for c in batch})
-            if len(rows) == batch_size:
-                yield stack(pending.pop(int(b)))
-    if not drop_last:
-        for b in sorted(pending):
-            yield stack(pending[b])
-
-
-def torch_batches(shard, batch_size: int, prefetch_batches: int, bucketed: bool) -> Iterator[dict]:
-    """A training worker's batches as torch tensors; with buckets, each batch is one bucket."""
-    if not bucketed:
-        yield from shard.iter_torch_batches(batch_size=batch_size, drop_last=True, prefetch_batches=prefetch_batches)
-        return
-    import torch
-
-    rows = shard.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=prefetch_batches)
-    for batch in bucket_batches(rows, batch_size):
-        yield {c: torch.from_numpy(np.ascontiguousarray(v)) for c, v in batch.items()}

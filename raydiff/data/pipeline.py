@@ -225,10 +225,6 @@ def index_source(spec: DataSpec) -> DataIndex:
     return DataIndex(cutoff, np.sort(uids[keys > cutoff]))
 
 
-def compute_val_cutoff(spec: DataSpec) -> int:
-    return index_source(spec).val_cutoff
-
-
 def _max_length(tokenizer: Any) -> int:
     # Tokenizers saved without a config report a huge sentinel; CLIP's context is 77.
     n = getattr(tokenizer, "model_max_length", None)
@@ -339,7 +335,7 @@ class Preprocessor:
             "input_ids_2": ids_2,
             "time_ids": np.asarray(tids, dtype=np.float32).reshape(-1, 6),
         }
-        if self.buckets:  # batches are regrouped by this column on the training workers (buckets.torch_batches)
+        if self.buckets:  # batches are regrouped by this column on the training workers (stream.rebatch)
             out[BUCKET_COLUMN] = np.asarray(buckets, dtype=np.int64)
         if ORDER_COLUMN in batch.column_names:  # the planned stream's place of each kept row (raydiff.data.stream)
             out[ORDER_COLUMN] = batch[ORDER_COLUMN].to_numpy()[np.asarray(rows, dtype=np.int64)]
