@@ -123,6 +123,13 @@ class DataSection:
     buckets: list[str] = field(default_factory=list)
     demo_num_images: int = 320
     caption_dropout: float = 0.0  # probability of training on the empty prompt (for classifier-free guidance)
+    # Frozen encoders in a Ray Data actor pool instead of the training step: none | text | latents.
+    precompute: str = "none"
+    # With precompute: a directory or s3:// / gs:// URI for a parquet cache reused by runs with the same fingerprint
+    # (the random crop is then drawn once; flips and caption dropout stay per epoch). Unset: encode in the stream.
+    cache_dir: Optional[str] = None
+    precompute_concurrency: int = 1  # encoder actors (per worker stream when streamed; for the build when cached)
+    precompute_num_gpus: float = 0.0  # GPUs per encoder actor (e.g. 1 to build a cache on a GPU cluster)
 
 
 @dataclass
@@ -379,17 +386,19 @@ _CHOICES = {
     "tune.scheduler": ("asha", "fifo"),
     "tune.search_alg": ("random", "optuna"),
     "data.format": (None, "parquet", "imagefolder", "webdataset"),
+    "data.precompute": ("none", "text", "latents"),
     "train.attention": ("sdpa", "eager"),
 }
 
 _POSITIVE = ("scaling.num_workers", "train.max_steps", "train.batch_size", "train.grad_accum", "optim.lr",
              "data.resolution", "checkpoint.every_n_steps", "validation.every_n_steps", "validation.batch_size",
              "train.log_every_n_steps", "train.report_every_n_steps", "checkpoint.keep", "data.val_max_samples",
-             "data.demo_num_images", "tune.num_samples", "tune.grace_period", "logging.sample_steps")
+             "data.demo_num_images", "data.precompute_concurrency", "tune.num_samples", "tune.grace_period", "logging.sample_steps")
 
 _NON_NEGATIVE = ("objective.gamma", "train.grad_clip", "optim.weight_decay", "optim.warmup_steps",
                  "run.max_failures", "train.seed", "train.prefetch_batches", "scaling.cpus_per_worker",
-                 "objective.gamma_decay_steps", "objective.noise_offset", "validation.sample_steps")
+                 "objective.gamma_decay_steps", "objective.noise_offset", "validation.sample_steps",
+                 "data.precompute_num_gpus")
 
 
 def _check(condition: bool, key: str, message: str) -> None:
@@ -415,6 +424,10 @@ def validate(cfg: Config) -> Config:
         parse_buckets(cfg.data.buckets, cfg.data.resolution)
     except ValueError as exc:
         raise ConfigError(f"config key 'data.buckets' {exc}") from None
+    _check(cfg.data.cache_dir is None or cfg.data.precompute != "none", "data.cache_dir",
+           "is set but data.precompute is 'none': set data.precompute to text or latents, or unset data.cache_dir")
+    _check(cfg.data.precompute_num_gpus == 0 or cfg.scaling.use_gpu, "data.precompute_num_gpus",
+           "needs GPUs (scaling.use_gpu: true)")
     _check(0 < cfg.data.val_fraction < 1, "data.val_fraction", f"must be in (0, 1), got {cfg.data.val_fraction}")
     _check(all(0 <= t < 1000 for t in cfg.validation.timesteps) and cfg.validation.timesteps,
            "validation.timesteps", f"must be a non-empty list of timesteps in [0, 1000), got {cfg.validation.timesteps}")

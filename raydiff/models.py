@@ -367,6 +367,37 @@ def load_components(
     kw = dict(revision=revision, variant=variant)
     # The UNet is trained in fp32 master weights (mixed precision is DeepSpeed's job), even from an fp16 variant.
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **diffusers_dtype_kwarg(torch.float32), **kw)
+    enc = load_encoders(pretrained, vae, revision, variant, text_encoder_dtype, vae_dtype)
+    tokenizer, tokenizer_2 = _load_tokenizers(path, revision=revision)
+    return SDXLComponents(
+        unet=unet.train(),
+        vae=enc.vae,
+        text_encoder=enc.text_encoder,
+        text_encoder_2=enc.text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=revision),
+    )
+
+
+@dataclass
+class FrozenEncoders:
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    text_encoder_2: CLIPTextModelWithProjection
+
+
+def load_encoders(
+    pretrained: str,
+    vae: str | None = None,
+    revision: str | None = None,
+    variant: str | None = None,
+    text_encoder_dtype: torch.dtype = torch.float32,
+    vae_dtype: torch.dtype = torch.float32,
+) -> FrozenEncoders:
+    """The frozen VAE and both text encoders (eval mode, no grad), e.g. for a precompute actor."""
+    path = resolve_pretrained(pretrained)
+    kw = dict(revision=revision, variant=variant)
     if vae is not None:  # a standalone VAE (e.g. the fp16-fix one): its own repo, so no revision/variant
         vae_path, vae_sub = _vae_location(resolve_pretrained(vae))
         vae_model = AutoencoderKL.from_pretrained(vae_path, subfolder=vae_sub, **diffusers_dtype_kwarg(vae_dtype))
@@ -374,16 +405,8 @@ def load_components(
         vae_model = AutoencoderKL.from_pretrained(path, subfolder="vae", **diffusers_dtype_kwarg(vae_dtype), **kw)
     text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw)
     text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **kw)
-    tokenizer, tokenizer_2 = _load_tokenizers(path, revision=revision)
-    return SDXLComponents(
-        unet=unet.train(),
-        vae=_frozen(vae_model, vae_dtype),
-        text_encoder=_frozen(text_encoder, text_encoder_dtype),
-        text_encoder_2=_frozen(text_encoder_2, text_encoder_dtype),
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2,
-        noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=revision),
-    )
+    return FrozenEncoders(_frozen(vae_model, vae_dtype), _frozen(text_encoder, text_encoder_dtype),
+                          _frozen(text_encoder_2, text_encoder_dtype))
 
 
 def encode_prompt(
@@ -400,6 +423,20 @@ def encode_prompt(
     return prompt_embeds, out_2.text_embeds
 
 
+def latent_moments(vae: AutoencoderKL, pixels: torch.Tensor) -> torch.Tensor:
+    """The VAE's latent distribution of uint8 ``[B, 3, H, W]`` pixels as its parameters (mean ‖ logvar channels):
+    what a latent cache stores, so that training still draws a fresh latent sample each step."""
+    x = pixels.to(vae.device, torch.float32) / 127.5 - 1.0
+    return vae.encode(x.to(vae.dtype)).latent_dist.parameters
+
+
+def sample_latents(moments: torch.Tensor, scaling_factor: float, generator: torch.Generator) -> torch.Tensor:
+    """A scaled latent sample from stored moments: the same draw as sampling the VAE's own ``latent_dist``."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    return DiagonalGaussianDistribution(moments).sample(generator=generator).float() * scaling_factor
+
+
 def _as_ids(ids: torch.Tensor | np.ndarray, model: torch.nn.Module) -> torch.Tensor:
     return torch.as_tensor(ids, dtype=torch.long, device=model.device)
 
@@ -412,6 +449,9 @@ __all__ = [
     "diffusers_dtype_kwarg",
     "encode_prompt",
     "load_components",
+    "latent_moments",
+    "load_encoders",
+    "sample_latents",
     "load_tokenizers",
     "resolve_pretrained",
     "tokenize",

@@ -1,5 +1,6 @@
 """End to end on a real local Ray cluster: Ray Data -> TorchTrainer -> DeepSpeed ZeRO -> export -> stock diffusers."""
 
+import glob
 import os
 
 import pytest
@@ -45,10 +46,14 @@ def assert_generates(model_dir):
     assert image.size == (64, 64)
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_train_val_loss_falls_and_export_loads(ray_local, tmp_path, stage):
-    cfg = tiny_cfg(tmp_path, f"zero{stage}", f"deepspeed.zero_stage={stage}")
+@pytest.mark.parametrize("stage,precompute", [(2, "none"), (3, "latents")])
+def test_train_val_loss_falls_and_export_loads(ray_local, tmp_path, stage, precompute):
+    """ZeRO-3 trains from a latent cache (raydiff.data.precompute), which must still make val_loss fall."""
+    cache = [f"data.precompute={precompute}", f"data.cache_dir={tmp_path / 'cache'}"] if precompute != "none" else []
+    cfg = tiny_cfg(tmp_path, f"zero{stage}", f"deepspeed.zero_stage={stage}", *cache)
     out = run_training(cfg)
+    if cache:  # one complete cache was built and training read it
+        assert len(glob.glob(str(tmp_path / "cache" / "*" / "cache.json"))) == 1
     rows = read_metrics(out.metrics_path)
     assert [r["step"] for r in rows] == list(range(0, 13))
     vals = [r["val_loss"] for r in rows if r.get("val_loss") is not None]

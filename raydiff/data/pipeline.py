@@ -29,6 +29,7 @@ from raydiff.data.buckets import BUCKET_COLUMN, closest_bucket
 from raydiff.data.sources import FILE_COLUMN
 from raydiff.data.stream import (
     ORDER_COLUMN,
+    UID_COLUMN,
     EpochShare,
     StreamPosition,
     assign_rows,
@@ -41,6 +42,7 @@ from raydiff.data.transforms import (
     ImageDecodeError,
     apply_crop,
     decode_image,
+    flip_pair,
     plan_crop,
     sample_key,
     sample_rng,
@@ -51,6 +53,7 @@ logger = logging.getLogger(__name__)
 
 OUTPUT_COLUMNS = ("pixels", "input_ids", "input_ids_2", "time_ids")
 KEY_COLUMN = "_key"  # crc32 sample key (int64)
+FLIPPED_SUFFIX = "_flipped"  # a cache row's columns for the mirrored crop
 _HASH_SPACE = 2**32
 PREPROCESS_ACTORS = (1, 2)  # (min, max) preprocessing actors per training worker's stream (and per split)
 MAX_LOGGED_SKIPS = 5  # per preprocessing actor; every skip is counted, only the first few are logged
@@ -77,6 +80,8 @@ class DataSpec:
     buckets: tuple[tuple[int, int], ...] = ()  # (width, height) aspect-ratio buckets; () = square crops
     batch_size: int = 32  # rows per preprocessing call
     concurrency: int | tuple[int, int] = PREPROCESS_ACTORS  # (min, max) actors, or a fixed size
+    encoder: dict | None = None  # streamed precompute: a raydiff.data.precompute.EncoderSpec for each epoch stream
+    cache: str | None = None  # cached precompute: the cache's data directory, read instead of the source
 
     def __post_init__(self) -> None:
         if self.on_error not in ("skip", "raise"):
@@ -191,7 +196,7 @@ def _index_rows(batch: pa.Table, *, image_column: str, caption_column: str) -> p
     captions = batch[caption_column].to_pylist()
     keys = np.array([sample_key(d, p) for d, p in zip(data, paths)], dtype=np.int64)
     uids = np.array([sample_uid(d, p, c) for d, p, c in zip(data, paths, captions)], dtype=np.int64)
-    return pa.table({KEY_COLUMN: keys, "_uid": uids})
+    return pa.table({KEY_COLUMN: keys, UID_COLUMN: uids})
 
 
 def _select_split(batch: pa.Table, *, image_column: str, cutoff: int, val: bool) -> pa.Table:
@@ -214,7 +219,7 @@ def index_source(spec: DataSpec) -> DataIndex:
     ds = read_source(spec)
     ds = ds.map_batches(_index_rows, batch_format="pyarrow",
                         fn_kwargs={"image_column": spec.image_column, "caption_column": spec.caption_column})
-    parts = [(b[KEY_COLUMN].to_numpy(), b["_uid"].to_numpy())
+    parts = [(b[KEY_COLUMN].to_numpy(), b[UID_COLUMN].to_numpy())
              for b in ds.iter_batches(batch_size=None, batch_format="pyarrow") if b.num_rows]
     keys = np.concatenate([k for k, _ in parts]) if parts else np.zeros(0, np.int64)
     uids = np.concatenate([u for _, u in parts]) if parts else np.zeros(0, np.int64)
@@ -252,7 +257,10 @@ class Preprocessor:
         filesystem: Any = None,
         stats_actor: str | None = None,
         buckets: tuple[tuple[int, int], ...] = (),
+        cache_rows: bool = False,
     ) -> None:
+        """``cache_rows``: rows for a precompute cache — both flips of the crop (``*_flipped`` columns), no caption
+        dropout (drawn per epoch when the cache is read), and the sample's key and identity."""
         from transformers import CLIPTokenizer  # imported here: only actors pay for it
 
         self.tokenizers = [
@@ -261,7 +269,8 @@ class Preprocessor:
         self.image_column, self.caption_column = image_column, caption_column
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
         self.seed, self.epoch, self.on_error = seed, epoch, on_error
-        self.caption_dropout = caption_dropout
+        self.caption_dropout = 0.0 if cache_rows else caption_dropout
+        self.both_flips, self.identities = cache_rows and random_flip, cache_rows
         self.max_aspect_ratio, self.filesystem, self.stats_actor = max_aspect_ratio, filesystem, stats_actor
         self.buckets = [tuple(b) for b in buckets]
         self.num_skipped = 0
@@ -269,6 +278,7 @@ class Preprocessor:
         self._examples: list[str] = []
 
     def _sample(self, data: bytes | None, path: str | None, key: int, epoch: int):
+        """([(pixels, time_ids)] — the drawn crop, or both flips of it for a cache —, bucket index)."""
         img = decode_image(load_bytes(data, path, self.filesystem), self.max_aspect_ratio)
         w, h = img.size
         bucket = closest_bucket(w, h, self.buckets) if self.buckets else -1
@@ -276,7 +286,8 @@ class Preprocessor:
         plan = plan_crop(w, h, size, self.center_crop, self.random_flip, sample_rng(self.seed, epoch, key))
         if plan.resized_w > w:
             self._count("data_upscaled")
-        return apply_crop(img, plan, size), time_ids(h, w, plan, size), bucket
+        plans = flip_pair(plan, size) if self.both_flips else (plan,)
+        return [(apply_crop(img, p, size), time_ids(h, w, p, size)) for p in plans], bucket
 
     def _skip_or_raise(self, what: str, err: Exception) -> None:
         if self.on_error == "raise":
@@ -310,36 +321,40 @@ class Preprocessor:
         captions = batch[self.caption_column].to_pylist()
         files = batch[FILE_COLUMN].to_pylist() if FILE_COLUMN in batch.column_names else [None] * len(data)
         keys = row_keys(batch, self.image_column)
-        epoch = self.epoch
-        pixels, tids, kept, buckets, rows = [], [], [], [], []
+        variants: list[list[tuple[np.ndarray, tuple]]] = []
+        kept, buckets, rows = [], [], []
         for i, (d, p, f, k, c) in enumerate(zip(data, paths, files, keys, captions)):
             try:
-                px, t, b = self._sample(d, p, int(k), epoch)
+                crops, b = self._sample(d, p, int(k), self.epoch)
             except (ValueError, OSError) as e:  # ImageDecodeError is a ValueError; OSError: unreadable path
                 self._skip_or_raise(describe_row(int(k), p, f), e)
                 continue
             rows.append(i)
-            pixels.append(px)
-            tids.append(t)
+            variants.append(crops)
             buckets.append(b)
             if c is None:
                 self._count("data_null_captions")
-            dropped = drop_caption(self.seed, epoch, int(k), self.caption_dropout)
+            dropped = drop_caption(self.seed, self.epoch, int(k), self.caption_dropout)
             kept.append("" if dropped else caption_text(c))
         self._flush_counts()
-        r = self.resolution
         ids, ids_2 = self._tokenize(kept)
-        out = {
-            "pixels": _stack(pixels) if pixels else np.zeros((0, 3, r, r), dtype=np.uint8),
-            "input_ids": ids,
-            "input_ids_2": ids_2,
-            "time_ids": np.asarray(tids, dtype=np.float32).reshape(-1, 6),
-        }
+        out = {"input_ids": ids, "input_ids_2": ids_2}
+        for v, suffix in enumerate(("", FLIPPED_SUFFIX)[: 2 if self.both_flips else 1]):
+            out["pixels" + suffix] = self._pixels([crops[v][0] for crops in variants])
+            out["time_ids" + suffix] = np.asarray([crops[v][1] for crops in variants], dtype=np.float32).reshape(-1, 6)
+        kept_rows = np.asarray(rows, dtype=np.int64)
         if self.buckets:  # batches are regrouped by this column on the training workers (stream.rebatch)
             out[BUCKET_COLUMN] = np.asarray(buckets, dtype=np.int64)
         if ORDER_COLUMN in batch.column_names:  # the planned stream's place of each kept row (raydiff.data.stream)
-            out[ORDER_COLUMN] = batch[ORDER_COLUMN].to_numpy()[np.asarray(rows, dtype=np.int64)]
+            out[ORDER_COLUMN] = batch[ORDER_COLUMN].to_numpy()[kept_rows]
+        if self.identities:  # a cache row carries what the stream and the per-epoch draws need
+            out[KEY_COLUMN] = keys[kept_rows]
+            out[UID_COLUMN] = np.array([sample_uid(data[i], paths[i], captions[i]) for i in rows], dtype=np.int64)
         return out
+
+    def _pixels(self, arrays: list[np.ndarray]) -> np.ndarray:
+        r = self.resolution
+        return _stack(arrays) if arrays else np.zeros((0, 3, r, r), dtype=np.uint8)
 
 
 def _stack(arrays: list[np.ndarray]) -> np.ndarray:
@@ -360,7 +375,7 @@ def _actor_pool(concurrency: int | tuple[int, int] | list[int]) -> ray.data.Acto
 
 
 def _preprocessed(ds: ray.data.Dataset, src: sources.Source, spec: DataSpec, tokenizer_path: str,
-                  epoch: int) -> ray.data.Dataset:
+                  epoch: int, cache_rows: bool = False) -> ray.data.Dataset:
     return ds.map_batches(
         Preprocessor,
         batch_size=spec.batch_size,
@@ -382,6 +397,7 @@ def _preprocessed(ds: ray.data.Dataset, src: sources.Source, spec: DataSpec, tok
             "filesystem": src.filesystem if src.format == "imagefolder" else None,
             "stats_actor": spec.stats_actor,
             "buckets": spec.buckets,
+            "cache_rows": cache_rows,
         },
     )
 
@@ -399,12 +415,19 @@ def _split_dataset(spec: DataSpec, tokenizer_path: str, epoch: int, cutoff: int,
 
 def planned_train_dataset(spec: DataSpec, tokenizer_path: str, share: EpochShare) -> ray.data.Dataset:
     """One worker's rows of one epoch in its stream order (raydiff.data.stream): pick the rows of the share (before
-    any decode), sort them by their place, then preprocess in order with that epoch's crops and flips."""
+    any decode), sort them by their place, then preprocess in order with that epoch's crops and flips (and, with a
+    streamed precompute, encode them). With a precompute cache the rows come from the cache instead."""
+    from raydiff.data import precompute
+
+    if spec.cache:
+        return precompute.cached_train_dataset(spec, share)
     ds, src = sources.read(spec.source, spec.format, spec.image_column, spec.caption_column)
     ds = ds.map_batches(assign_rows, batch_format="pyarrow",
                         fn_kwargs={"image_column": spec.image_column, "caption_column": spec.caption_column,
                                    "uids": share.uids, "orders": share.orders})
     ds = _preprocessed(ds.sort(ORDER_COLUMN), src, spec, tokenizer_path, share.epoch)
+    if spec.encoder:
+        ds = precompute.encode_stage(ds, precompute.EncoderSpec(**spec.encoder), spec.batch_size)
     ds.context.execution_options.preserve_order = True
     return ds
 

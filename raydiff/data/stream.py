@@ -129,9 +129,12 @@ def assign_rows(batch: pa.Table, *, image_column: str, caption_column: str, uids
     """
     from raydiff.data.pipeline import image_parts
 
-    data, paths = image_parts(batch[image_column])
-    captions = batch[caption_column].to_pylist()
-    row_uids = np.array([sample_uid(d, p, c) for d, p, c in zip(data, paths, captions)], dtype=np.int64)
+    if UID_COLUMN in batch.column_names:  # precompute cache rows carry their identity
+        row_uids = batch[UID_COLUMN].to_numpy()
+    else:
+        data, paths = image_parts(batch[image_column])
+        captions = batch[caption_column].to_pylist()
+        row_uids = np.array([sample_uid(d, p, c) for d, p, c in zip(data, paths, captions)], dtype=np.int64)
     lo, hi = np.searchsorted(uids, row_uids, "left"), np.searchsorted(uids, row_uids, "right")
     take = np.repeat(np.arange(len(row_uids)), hi - lo)
     order = np.concatenate([orders[a:b] for a, b in zip(lo, hi)]) if len(take) else np.zeros(0, np.int64)

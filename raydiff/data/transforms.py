@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import random
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Union
 
 import numpy as np
@@ -83,6 +83,15 @@ def plan_crop(
         # The conditioning must describe the image the model sees, i.e. the flipped one.
         left = rw - (left + tw)
     return CropPlan(resized_w=rw, resized_h=rh, crop_top=top, crop_left=left, flipped=flipped)
+
+
+def flip_pair(plan: CropPlan, resolution: Size) -> tuple[CropPlan, CropPlan]:
+    """(unflipped, flipped) versions of ``plan``'s crop window: the same pixels, mirrored, each with its own
+    ``crop_left`` (a latent cache encodes both so the flip can still be drawn per epoch)."""
+    tw, _ = _wh(resolution)
+    left = plan.resized_w - plan.crop_left - tw if plan.flipped else plan.crop_left
+    return (replace(plan, crop_left=left, flipped=False),
+            replace(plan, crop_left=plan.resized_w - left - tw, flipped=True))
 
 
 def apply_crop(img: Image.Image, plan: CropPlan, resolution: Size) -> np.ndarray:

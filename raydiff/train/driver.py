@@ -59,11 +59,12 @@ def init_ray(cfg: Config, num_cpus: float | None = None) -> None:
 
 
 def run_cpus(cfg: Config) -> float:
-    """Logical CPUs one run needs to never stall: its workers, each worker's preprocessing actor pool at full size,
-    and one for the read and sort tasks that feed them."""
+    """Logical CPUs one run needs to never stall: its workers, each worker's preprocessing (and streamed encoder)
+    actor pool at full size, and one for the read and sort tasks that feed them."""
     from raydiff.data.pipeline import PREPROCESS_ACTORS
 
-    return cfg.scaling.num_workers * (cfg.scaling.cpus_per_worker + PREPROCESS_ACTORS[1]) + 1
+    streamed_encoders = cfg.data.precompute_concurrency if cfg.data.precompute != "none" and not cfg.data.cache_dir else 0
+    return cfg.scaling.num_workers * (cfg.scaling.cpus_per_worker + PREPROCESS_ACTORS[1] + streamed_encoders) + 1
 
 
 def data_spec(cfg: Config, stats_actor: str | None = None):
@@ -79,6 +80,36 @@ def data_spec(cfg: Config, stats_actor: str | None = None):
                     on_error=d.on_error, caption_dropout=d.caption_dropout, format=d.format,
                     max_aspect_ratio=d.max_aspect_ratio, stats_actor=stats_actor,
                     buckets=tuple(parse_buckets(d.buckets, d.resolution)))
+
+
+def encoder_spec(cfg: Config):
+    from raydiff.data.precompute import EncoderSpec
+    from raydiff.train.deepspeed_setup import PRECISION_DTYPES
+
+    m, d = cfg.model, cfg.data
+    return EncoderSpec(pretrained=m.pretrained, mode=d.precompute, vae=m.vae, revision=m.revision, variant=m.variant,
+                       text_dtype=str(PRECISION_DTYPES[cfg.deepspeed.precision]).removeprefix("torch."),
+                       concurrency=d.precompute_concurrency, num_gpus=d.precompute_num_gpus)
+
+
+def with_precompute(cfg: Config, spec, tokenizer_path: str, index):
+    """The data spec with its precompute: an encoder stage in every epoch stream, or a cache built (or found) now."""
+    import dataclasses
+
+    from raydiff.data.precompute import ensure_cache
+
+    if cfg.data.precompute == "none":
+        return spec
+    encoder = encoder_spec(cfg)
+    if not cfg.data.cache_dir:
+        return dataclasses.replace(spec, encoder=dataclasses.asdict(encoder))
+    return dataclasses.replace(spec, cache=ensure_cache(spec, encoder, tokenizer_path, index,
+                                                        resolve_dir(cfg.data.cache_dir)))
+
+
+def resolve_dir(path: str) -> str:
+    """A local directory made absolute (Ray workers run elsewhere); URIs as they are."""
+    return path if is_uri(path) else os.path.abspath(os.path.expanduser(os.path.expandvars(path)))
 
 
 def _ordered():
@@ -100,6 +131,7 @@ def build_trainer(cfg: Config, callbacks: list | None = None) -> TorchTrainer:
     tokenizer_path = models.resolve_pretrained(cfg.model.pretrained)
     index = index_source(spec)  # the split, and the training samples every worker's seeded stream draws from
     val = build_datasets(spec, tokenizer_path, index=index)["val"]
+    spec = with_precompute(cfg, spec, tokenizer_path, index)
     data = {"spec": dataclasses.asdict(spec), "tokenizer_path": tokenizer_path, "train_uids": index.train_uids}
     s = cfg.scaling
     # An explicit filesystem carries the endpoint and credentials to Ray Train's controller and workers.

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from raydiff import models, objective, storage, validation
 from raydiff.config import Config, from_dict
 from raydiff.data import stats as data_stats
+from raydiff.data.precompute import LATENT_COLUMN
 from raydiff.data.stream import StreamPosition
 from raydiff.train import checkpoint as ckpt
 from raydiff.train.checkpoint import DS_TAG, EMA_FILE, STATE_FILE
@@ -138,14 +139,20 @@ class Worker:
     # ------------------------------------------------------------ per-batch work
 
     def encode(self, batch: dict, generator: torch.Generator) -> Conditioning:
-        """Frozen VAE and text encoders, no grad: pixels -> latents, token ids -> SDXL prompt embeddings."""
+        """Frozen VAE and text encoders, no grad: pixels -> latents, token ids -> SDXL prompt embeddings. Whatever
+        a precompute stage already encoded (raydiff.data.precompute) is taken from the batch instead."""
         with torch.no_grad():
-            pixels = batch["pixels"].to(self.device, torch.float32) / 127.5 - 1.0
-            dist_ = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
-            latents = dist_.sample(generator=generator).float() * self.vae.config.scaling_factor
-            prompt_embeds, pooled = models.encode_prompt(
-                self.text_encoder, self.text_encoder_2,
-                batch["input_ids"].to(self.device), batch["input_ids_2"].to(self.device))
+            if LATENT_COLUMN in batch:
+                moments = batch[LATENT_COLUMN].to(self.device, self.vae.dtype)
+            else:
+                moments = models.latent_moments(self.vae, batch["pixels"])
+            latents = models.sample_latents(moments, self.vae.config.scaling_factor, generator)
+            if "prompt_embeds" in batch:
+                prompt_embeds, pooled = batch["prompt_embeds"].to(self.device), batch["pooled"].to(self.device)
+            else:
+                prompt_embeds, pooled = models.encode_prompt(
+                    self.text_encoder, self.text_encoder_2,
+                    batch["input_ids"].to(self.device), batch["input_ids_2"].to(self.device))
         return Conditioning(latents, prompt_embeds, pooled, batch["time_ids"].to(self.device, torch.float32))
 
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:

@@ -1,0 +1,284 @@
+"""Precompute (``data.precompute``: text | latents): the frozen encoders run in a Ray Data actor pool instead of in
+the training step.
+
+Two ways to use it:
+
+- **streamed** (no ``data.cache_dir``): each worker's epoch stream gets an ``Encoder`` stage after preprocessing.
+  Every epoch still draws its own crops, flips and caption dropout; the training step skips the encoders.
+- **cached** (``data.cache_dir`` set): the training split is preprocessed and encoded once into parquet under
+  ``<cache_dir>/<fingerprint>/``, and every later run with the same fingerprint (model files, encoder dtype,
+  preprocessing config, seed, and the content of the training split) reads it instead of the source.
+  Trade-off: the random crop is drawn once (epoch 0's draw) and frozen. Flips stay random per epoch — both mirror
+  images of the crop are encoded, each with its own ``time_ids`` — and so does caption dropout (the empty prompt is
+  encoded once and stored with the cache). Epoch 0 of a cached run trains on exactly what an online run trains on.
+
+Latents are stored as the VAE's distribution parameters (mean ‖ logvar), so each step still draws a fresh latent
+sample, as online encoding does. Validation rows are always encoded by the workers (once per run).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import uuid
+from dataclasses import asdict, dataclass
+import numpy as np
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import ray
+
+from raydiff import models, storage
+from raydiff.data import sources, stats
+from raydiff.data.buckets import BUCKET_COLUMN
+from raydiff.data.stream import ORDER_COLUMN, UID_COLUMN
+from raydiff.data.transforms import plan_crop, sample_rng
+
+logger = logging.getLogger(__name__)
+
+MODES = ("none", "text", "latents")
+LATENT_COLUMN = "latent_moments"  # the VAE's latent distribution parameters, [2·C, h, w] per row
+EMBED_COLUMNS = ("prompt_embeds", "pooled")
+TOKEN_COLUMNS = ("input_ids", "input_ids_2")
+MANIFEST = "cache.json"  # written last: a cache directory without it is incomplete and ignored
+EMPTY_PROMPT = "empty_prompt.npz"
+CACHE_VERSION = 1  # bump when the cache layout or its meaning changes
+
+
+@dataclass
+class EncoderSpec:
+    """Which frozen encoders to run and where (one actor = one copy of the encoders)."""
+
+    pretrained: str
+    mode: str = "latents"  # text | latents
+    vae: str | None = None
+    revision: str | None = None
+    variant: str | None = None
+    text_dtype: str = "float32"  # the training precision's dtype, as the workers' own text encoders use
+    concurrency: int = 1
+    num_gpus: float = 0.0
+
+
+# ---------------------------------------------------------------- the encoder stage
+
+
+class Encoder:
+    """Callable class for ``map_batches``: preprocessed rows (pixels, token ids) → text embeddings and, in latents
+    mode, latent moments. Every pixel column (``pixels``, ``pixels_flipped``) gets its latent column."""
+
+    def __init__(self, spec: dict) -> None:
+        import torch
+
+        self.spec = EncoderSpec(**spec)
+        self.device = torch.device("cuda" if self.spec.num_gpus > 0 and torch.cuda.is_available() else "cpu")
+        enc = models.load_encoders(self.spec.pretrained, vae=self.spec.vae, revision=self.spec.revision,
+                                   variant=self.spec.variant, text_encoder_dtype=getattr(torch, self.spec.text_dtype),
+                                   vae_dtype=torch.float32)
+        self.vae = enc.vae.to(self.device)
+        self.text_encoder, self.text_encoder_2 = enc.text_encoder.to(self.device), enc.text_encoder_2.to(self.device)
+
+    def encode_text(self, ids: np.ndarray, ids_2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        with torch.no_grad():
+            embeds, pooled = models.encode_prompt(self.text_encoder, self.text_encoder_2, ids, ids_2)
+        return _numpy(embeds), _numpy(pooled)
+
+    def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """Latent moments per row; rows of different sizes (aspect-ratio buckets) are encoded per size."""
+        import torch
+
+        rows = list(pixels) if pixels.dtype == object else [pixels]
+        if pixels.dtype != object:
+            with torch.no_grad():
+                return _numpy(models.latent_moments(self.vae, torch.from_numpy(np.ascontiguousarray(pixels))))
+        out: list[np.ndarray | None] = [None] * len(rows)
+        for shape in {r.shape for r in rows}:
+            idx = [i for i, r in enumerate(rows) if r.shape == shape]
+            moments = self.encode_pixels(np.stack([rows[i] for i in idx]))
+            for i, m in zip(idx, moments):
+                out[i] = m
+        arr = np.empty(len(out), dtype=object)
+        arr[:] = out
+        return arr
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = {k: v for k, v in batch.items() if k not in TOKEN_COLUMNS}
+        out["prompt_embeds"], out["pooled"] = self.encode_text(batch["input_ids"], batch["input_ids_2"])
+        if self.spec.mode == "latents":
+            for column in [c for c in batch if c.startswith("pixels")]:
+                out[column.replace("pixels", LATENT_COLUMN, 1)] = self.encode_pixels(out.pop(column))
+        return out
+
+
+def _numpy(t) -> np.ndarray:
+    return t.detach().float().cpu().numpy()
+
+
+def encode_stage(ds: ray.data.Dataset, spec: EncoderSpec, batch_size: int) -> ray.data.Dataset:
+    """``ds`` (Preprocessor rows) with the encoders applied by a pool of ``spec.concurrency`` actors."""
+    return ds.map_batches(Encoder, fn_constructor_args=(asdict(spec),), batch_size=batch_size,
+                          batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=spec.concurrency),
+                          num_cpus=1, num_gpus=spec.num_gpus or None)
+
+
+# ---------------------------------------------------------------- per-epoch draws on cached rows
+
+
+def choose_epoch_variant(batch: dict[str, np.ndarray], *, seed: int, epoch: int, random_flip: bool,
+                         center_crop: bool, caption_dropout: float, empty: dict[str, np.ndarray]) -> dict:
+    """Cache rows → this epoch's training rows: the flip the online path would draw this epoch (from the same
+    per-sample generator) and the seeded caption dropout (the stored empty-prompt encoding)."""
+    from raydiff.data.pipeline import FLIPPED_SUFFIX, KEY_COLUMN, drop_caption
+
+    keys = batch[KEY_COLUMN]
+    flips = np.zeros(len(keys), dtype=bool)
+    if random_flip:
+        for i, (key, t) in enumerate(zip(keys, batch["time_ids"])):
+            orig_h, orig_w, target_h, target_w = int(t[0]), int(t[1]), int(t[4]), int(t[5])
+            flips[i] = plan_crop(orig_w, orig_h, (target_w, target_h), center_crop, True,
+                                 sample_rng(seed, epoch, int(key))).flipped
+    out = {}
+    for column in batch:
+        if column.endswith(FLIPPED_SUFFIX) or column in (KEY_COLUMN, UID_COLUMN):
+            continue
+        flipped = batch.get(column + FLIPPED_SUFFIX)
+        out[column] = batch[column] if flipped is None else _pick(batch[column], flipped, flips)
+    dropped = np.array([drop_caption(seed, epoch, int(k), caption_dropout) for k in keys], dtype=bool)
+    for column in EMBED_COLUMNS:
+        if dropped.any():
+            out[column] = out[column].copy()
+            out[column][dropped] = empty[column]
+    return out
+
+
+def _pick(plain: np.ndarray, flipped: np.ndarray, flips: np.ndarray) -> np.ndarray:
+    if plain.dtype != object:
+        return np.where(flips.reshape(-1, *[1] * (plain.ndim - 1)), flipped, plain)
+    out = np.empty(len(plain), dtype=object)
+    out[:] = [f if flip else p for p, f, flip in zip(plain, flipped, flips)]
+    return out
+
+
+def cached_train_dataset(spec, share) -> ray.data.Dataset:
+    """One worker's rows of one epoch, read from the cache (``spec.cache``) in its stream order."""
+    from raydiff.data.stream import assign_rows
+
+    fs, path = storage.filesystem(spec.cache)
+    ds = ray.data.read_parquet(path, filesystem=fs)
+    ds = ds.map_batches(assign_rows, batch_format="pyarrow",
+                        fn_kwargs={"image_column": None, "caption_column": None, "uids": share.uids,
+                                   "orders": share.orders})
+    ds = ds.sort(ORDER_COLUMN).map_batches(
+        choose_epoch_variant, batch_format="numpy", batch_size=spec.batch_size,
+        fn_kwargs={"seed": spec.seed, "epoch": share.epoch, "random_flip": spec.random_flip,
+                   "center_crop": spec.center_crop, "caption_dropout": spec.caption_dropout,
+                   "empty": read_empty_prompt(spec.cache)})
+    ds.context.execution_options.preserve_order = True
+    return ds
+
+
+# ---------------------------------------------------------------- the cache
+
+
+def fingerprint(spec, encoder: EncoderSpec, train_uids: np.ndarray) -> str:
+    """What the cached rows depend on: the encoders' files, their dtype, the preprocessing, the seed (epoch 0's
+    crops) and the identities of the training rows (a changed dataset or split misses the cache)."""
+    from raydiff.data.pipeline import DataSpec
+
+    assert isinstance(spec, DataSpec)
+    preprocessing = {k: getattr(spec, k) for k in ("format", "image_column", "caption_column", "resolution",
+                                                    "center_crop", "random_flip", "max_aspect_ratio", "seed",
+                                                    "on_error", "buckets", "val_fraction", "val_max_samples")}
+    enc = {k: v for k, v in asdict(encoder).items() if k not in ("concurrency", "num_gpus")}
+    key = {"version": CACHE_VERSION, "encoder": enc, "preprocessing": preprocessing,
+           "model_files": _model_files(encoder),
+           "train_rows": hashlib.sha256(np.ascontiguousarray(train_uids, dtype=np.int64).tobytes()).hexdigest()}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _model_files(encoder: EncoderSpec) -> list:
+    """(file, size, mtime) of the local encoder and tokenizer files: re-saving a model there changes the key.
+    Hub ids are identified by their id and revision (part of the encoder spec)."""
+    out = []
+    for name, subs in ((encoder.pretrained, ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")),
+                       (encoder.vae, ("",))):
+        path = models.resolve_pretrained(name) if name else None
+        if not path or not os.path.isdir(path):
+            continue
+        for sub in subs:
+            for root, _, files in sorted(os.walk(os.path.join(path, sub))):
+                for f in sorted(files):
+                    st = os.stat(os.path.join(root, f))
+                    out.append([os.path.relpath(os.path.join(root, f), path), st.st_size, st.st_mtime_ns])
+    return out
+
+
+def ensure_cache(spec, encoder: EncoderSpec, tokenizer_path: str, index, cache_dir: str) -> str:
+    """The cache's data directory for this fingerprint, built now if no complete one exists.
+
+    A build writes into a fresh directory and commits by writing the manifest last, so an interrupted build is
+    never read and concurrent builders (Tune trials) cannot corrupt each other: the last manifest wins.
+    """
+    root = storage.join(cache_dir, fingerprint(spec, encoder, index.train_uids))
+    manifest_path = storage.join(root, MANIFEST)
+    if storage.exists(manifest_path):
+        manifest = json.loads(storage.read_text(manifest_path))
+        stats.record(spec.stats_actor, manifest["counts"], [])  # the skips of the build count in this run too
+        logger.info("precompute cache hit: %s (%d rows)", root, manifest["rows"])
+        print(f"[raydiff] precompute cache hit: {root} ({manifest['rows']} rows)", flush=True)
+        return storage.join(root, manifest["data"])
+    return _build_cache(spec, encoder, tokenizer_path, index.val_cutoff, root)
+
+
+def _build_cache(spec, encoder: EncoderSpec, tokenizer_path: str, val_cutoff: int, root: str) -> str:
+    from raydiff.data.pipeline import _preprocessed, _select_split
+
+    print(f"[raydiff] precompute cache miss: encoding the training split into {root}", flush=True)
+    before = stats.metrics(spec.stats_actor)
+    ds, src = sources.read(spec.source, spec.format, spec.image_column, spec.caption_column)
+    ds = ds.map_batches(_select_split, batch_format="pyarrow",
+                        fn_kwargs={"image_column": spec.image_column, "cutoff": val_cutoff,
+                                   "val": False})
+    ds = encode_stage(_preprocessed(ds, src, spec, tokenizer_path, epoch=0, cache_rows=True), encoder,
+                      spec.batch_size)
+    data_dir = uuid.uuid4().hex[:12]
+    fs, path = storage.filesystem(storage.join(root, data_dir))
+    ds.write_parquet(path, filesystem=fs)
+    rows = sum(pq.ParquetFile(fs.open_input_file(f)).metadata.num_rows for f in _parquet_files(fs, path))
+    if rows == 0:
+        raise stats.no_data_error(spec.stats_actor, "train")
+    empty = ray.get(_encode_empty_prompt.options(num_gpus=encoder.num_gpus or None).remote(asdict(encoder),
+                                                                                           tokenizer_path))
+    buf = io.BytesIO()
+    np.savez(buf, **empty)
+    storage.write_bytes(storage.join(root, data_dir, EMPTY_PROMPT), buf.getvalue())
+    after = stats.metrics(spec.stats_actor)
+    manifest = {"data": data_dir, "rows": rows, "counts": {k: after[k] - before[k] for k in after},
+                "version": CACHE_VERSION}
+    storage.write_text(storage.join(root, MANIFEST), json.dumps(manifest, indent=1))
+    print(f"[raydiff] precompute cache written: {root} ({rows} rows)", flush=True)
+    return storage.join(root, data_dir)
+
+
+@ray.remote(num_cpus=1)
+def _encode_empty_prompt(encoder: dict, tokenizer_path: str) -> dict[str, np.ndarray]:
+    """The empty prompt's encoding, which caption dropout substitutes for a caption at training time."""
+    from raydiff.data.pipeline import Preprocessor
+
+    ids, ids_2 = Preprocessor(tokenizer_path)._tokenize([""])  # tokenized exactly as a dropped caption online
+    embeds, pooled = Encoder(encoder).encode_text(ids, ids_2)
+    return {"prompt_embeds": embeds[0], "pooled": pooled[0]}
+
+
+def read_empty_prompt(cache_data_dir: str) -> dict[str, np.ndarray]:
+    fs, path = storage.filesystem(storage.join(cache_data_dir, EMPTY_PROMPT))
+    with fs.open_input_file(path) as f:
+        with np.load(io.BytesIO(f.read())) as z:
+            return {k: z[k] for k in z.files}
+
+
+def _parquet_files(fs: pafs.FileSystem, path: str) -> list[str]:
+    return sorted(f.path for f in fs.get_file_info(pafs.FileSelector(path)) if f.path.endswith(".parquet"))
