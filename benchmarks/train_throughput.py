@@ -13,8 +13,10 @@ Every side trains the tiny SDXL (`models.load_components("tiny")`) on CPU with t
 - `raydiff`: `raydiff.train.driver.run_training` unchanged (TorchTrainer, one worker, Ray Data streaming the demo
   dataset through the preprocessing actors); its rate comes from rank 0's `metrics.jsonl` rows (`time` of each
   step, so logging, data waits and everything else between steps count);
-- `raydiff-materialized` (`--data materialized`): the same, with the datasets materialized on the driver first, so the
-  training steps do not share the CPUs with preprocessing.
+- `raydiff_zeroN_cached` (`--data cached`): the same with `data.precompute: latents` and a `data.cache_dir`: the
+  run encodes the training split once (before step 0), then each step reads latent moments and text embeddings;
+  compared with `plain_precomputed`, the plain loop fed the same precomputed tensors (the encoders run once, before
+  the loop). This pair isolates what the orchestration costs when the data path is not preprocessing on the same CPUs.
 
 Steady state = the steps after `--warmup`. The plain loop runs first and last (its mean is the reference), so a
 drift in the machine's load shows up as a difference between the two. Start-up costs are reported separately.
@@ -45,8 +47,8 @@ def parse_args() -> argparse.Namespace:
                    help="extra plain-loop runs with speed switches: eager channels_last gradient_checkpointing compile")
     p.add_argument("--skip-deepspeed", action="store_true")
     p.add_argument("--skip-ray", action="store_true")
-    p.add_argument("--data", nargs="+", default=["streaming"], choices=["streaming", "materialized"],
-                   help="raydiff's datasets: streamed through the preprocessing actors, and/or materialized first")
+    p.add_argument("--data", nargs="+", default=["streaming"], choices=["streaming", "cached"],
+                   help="raydiff's training data: preprocessed online per epoch, and/or a precomputed latent cache")
     p.add_argument("--log-every", type=int, default=1, help="raydiff train.log_every_n_steps (metrics.jsonl rows)")
     p.add_argument("--health-check-s", type=float, default=None,
                    help="RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (raydiff's driver sets 0.2 unless given)")
@@ -74,7 +76,7 @@ from raydiff.config import Config, load_config  # noqa: E402
 GAMMA = 0.1
 
 
-def bench_config(args, zero: int, storage: str, name: str, speed: tuple[str, ...] = ()) -> Config:
+def bench_config(args, zero: int, storage: str, name: str, speed: tuple[str, ...] = (), cached: bool = False) -> Config:
     """The run config both sides share; validation/checkpoint/report steps are pushed past the run."""
     total = args.warmup + args.steps
     never = 10**6
@@ -90,14 +92,20 @@ def bench_config(args, zero: int, storage: str, name: str, speed: tuple[str, ...
     ]
     speed_keys = {"eager": "train.attention=eager", "channels_last": "train.channels_last=true",
                   "gradient_checkpointing": "train.gradient_checkpointing=true", "compile": "train.compile=true"}
-    return load_config("tiny_cpu", overrides + [speed_keys[s] for s in speed])
+    cache = ["data.precompute=latents", f"data.cache_dir={storage}/cache"] if cached else []
+    return load_config("tiny_cpu", overrides + cache + [speed_keys[s] for s in speed])
 
 
 # ------------------------------------------------------------------ data
 
 
-def in_memory_batches(cfg: Config, count: int) -> list[dict[str, torch.Tensor]]:
-    """The demo dataset's rows through raydiff's Preprocessor, as the batches a training worker receives."""
+def in_memory_batches(cfg: Config, count: int, precomputed: bool = False) -> list[dict[str, torch.Tensor]]:
+    """The demo dataset's rows through raydiff's Preprocessor (and, ``precomputed``, its precompute Encoder), as the
+    batches a training worker receives."""
+    from dataclasses import asdict
+
+    from raydiff.data.precompute import Encoder, EncoderSpec
+
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -107,11 +115,12 @@ def in_memory_batches(cfg: Config, count: int) -> list[dict[str, torch.Tensor]]:
     src = ensure_demo_dataset(models.default_cache_dir(), num_images=cfg.data.demo_num_images)
     table = pa.concat_tables([pq.read_table(os.path.join(src, f)) for f in sorted(os.listdir(src))])
     pre = Preprocessor(models.resolve_pretrained("tiny"), resolution=cfg.data.resolution, seed=cfg.train.seed)
+    encode = Encoder(asdict(EncoderSpec(pretrained="tiny", mode="latents"))) if precomputed else dict
     bs = cfg.train.batch_size
     batches = []
     for i in range(count):
         rows = table.slice((i * bs) % (table.num_rows - bs), bs)
-        batches.append({k: torch.from_numpy(v) for k, v in pre(rows).items()})
+        batches.append({k: torch.from_numpy(v) for k, v in encode(pre(rows)).items()})
     return batches
 
 
@@ -153,9 +162,14 @@ class PlainTrainer:
     def step(self, batch: dict, index: int) -> None:
         gen = torch.Generator().manual_seed(index)
         with torch.no_grad():
-            pixels = batch["pixels"].float() / 127.5 - 1.0
-            latents = self.vae.encode(pixels).latent_dist.sample(generator=gen) * self.vae.config.scaling_factor
-            embeds, pooled = models.encode_prompt(self.te1, self.te2, batch["input_ids"], batch["input_ids_2"])
+            moments = batch.get("latent_moments")
+            if moments is None:
+                moments = models.latent_moments(self.vae, batch["pixels"])
+            latents = models.sample_latents(moments, self.vae.config.scaling_factor, gen)
+            if "prompt_embeds" in batch:
+                embeds, pooled = batch["prompt_embeds"], batch["pooled"]
+            else:
+                embeds, pooled = models.encode_prompt(self.te1, self.te2, batch["input_ids"], batch["input_ids_2"])
         noised = objective.make_training_batch(latents, self.ac, "epsilon", GAMMA, gen)
         model = self.unet if self.engine is None else self.engine
         pred = model(noised.noisy, noised.timesteps, encoder_hidden_states=embeds,
@@ -300,14 +314,11 @@ def print_profile(path: str, top: int = 25) -> None:
     stats.sort_stats("tottime").print_stats(top)
 
 
-def run_raydiff(args, cfg: Config, materialized: bool) -> dict:
-    from raydiff.data import pipeline
+def run_raydiff(args, cfg: Config) -> dict:
     from raydiff.train import driver
     from raydiff.train.metrics_log import read_metrics
 
-    original, original_build = pipeline.build_datasets, driver.build_trainer
-    if materialized:  # the driver imports build_datasets at call time, so this swap reaches build_trainer
-        pipeline.build_datasets = lambda *a, **k: {n: ds.materialize() for n, ds in original(*a, **k).items()}
+    original_build = driver.build_trainer
     profile_path = None
     if args.profile_worker:
         os.makedirs(args.profile_worker, exist_ok=True)
@@ -325,7 +336,7 @@ def run_raydiff(args, cfg: Config, materialized: bool) -> dict:
         with CpuSampler() as cpu:
             out = driver.run_training(cfg)
     finally:
-        pipeline.build_datasets, driver.build_trainer = original, original_build
+        driver.build_trainer = original_build
     total_s = time.perf_counter() - t0
     if profile_path:
         print_profile(profile_path)
@@ -369,6 +380,8 @@ def main(args) -> None:
         print(f"{name}: {json.dumps(value)}", flush=True)
 
     record("plain", run_local(args, base, batches))
+    if "cached" in args.data:
+        record("plain_precomputed", run_local(args, base, in_memory_batches(base, args.warmup + args.steps, True)))
     for variant in args.plain_variants:
         record(f"plain+{variant}", run_local(args, bench_config(args, 2, storage, "v", (variant,)), batches))
     if not args.skip_deepspeed:
@@ -384,9 +397,9 @@ def main(args) -> None:
         record("ray_init", {"seconds": round(time.perf_counter() - t0, 3)})
         for zero in args.zero:
             for data in args.data:
-                suffix = "" if data == "streaming" else "_materialized"
+                suffix = "" if data == "streaming" else "_cached"
                 record(f"raydiff_zero{zero}{suffix}",
-                       run_raydiff(args, bench_config(args, zero, storage, f"z{zero}{data[0]}"), data == "materialized"))
+                       run_raydiff(args, bench_config(args, zero, storage, f"z{zero}{data[0]}", cached=data == "cached")))
         import ray
 
         ray.shutdown()
@@ -418,6 +431,10 @@ def main(args) -> None:
     if key:
         # Samples per CPU-second relative to plain: the same ratio with the machine's other load factored out.
         print(f"ratio raydiff/plain (CPU time, {key}) = {plain_cpu / results[key]['cpu_s_per_sample']:.2f}")
+        for zero in args.zero:
+            if f"raydiff_zero{zero}_cached" in results:
+                ratio = results[f"raydiff_zero{zero}_cached"]["samples_per_s"] / results["plain_precomputed"]["samples_per_s"]
+                print(f"ratio raydiff/plain (precomputed latents, ZeRO-{zero}) = {ratio:.2f}")
         print(f"ratio raydiff/plain = {results[key]['samples_per_s'] / plain:.2f}")
 
 

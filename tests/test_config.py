@@ -60,6 +60,10 @@ def test_gpu_recipe_matches_published_ip_settings():
     ("deepspeed.precision=fp16", "deepspeed.precision"),  # fp16 on CPU
     ("model.pretrained=/no/such/model", "model.pretrained"),
     ("data.resolution=60", "data.resolution"),
+    ("data.precompute=vae", "data.precompute"),
+    ("data.cache_dir=/tmp/cache", "data.cache_dir"),  # a cache without data.precompute
+    ("data.precompute_num_gpus=1", "data.precompute_num_gpus"),  # GPUs on a CPU run
+    ("data.precompute_concurrency=0", "data.precompute_concurrency"),
 ])
 def test_invalid_values_name_the_key(override, key):
     with pytest.raises(C.ConfigError, match=key.replace(".", r"\.")):

@@ -73,6 +73,7 @@ class Worker:
         self.ema: dict[str, torch.Tensor] | None = None
         self.last_gamma = cfg.objective.gamma
         self.data_stats: str | None = None  # the run's data counter actor (raydiff.data.stats)
+        self.data_counts: dict[str, int] = {}  # its counters as of the last report
         self.data: dict = {}  # spec, tokenizer path and training-sample identities (driver.build_trainer)
         self.stream = StreamPosition()
         self.checkpoint = None  # the ray.train.Checkpoint to resume from (find_checkpoint)
@@ -344,6 +345,8 @@ class Worker:
             do_report = step % cfg.train.report_every_n_steps == 0 or do_val or do_ckpt
             if not (step % cfg.train.log_every_n_steps == 0 or do_report):
                 continue
+            if do_report or not self.data_counts:  # an actor round trip: refreshed when Ray gets a report
+                self.data_counts = data_stats.metrics(self.data_stats)
             metrics = self.step_metrics(loss_sum / max(loss_count, 1), window_start, window_steps, global_batch)
             loss_sum, loss_count = torch.zeros((), device=self.device), 0
             if do_val:
@@ -377,7 +380,7 @@ class Worker:
         elapsed = max(time.perf_counter() - window_start, 1e-9)
         return {"step": self.state.step, "epoch": self.state.epoch, "loss": loss.item() / self.world,
                 "lr": self.lr_scheduler.get_last_lr()[0], "samples_per_s": window_steps * global_batch / elapsed,
-                "gamma": float(self.last_gamma), "time": time.time(), **data_stats.metrics(self.data_stats)}
+                "gamma": float(self.last_gamma), "time": time.time(), **self.data_counts}
 
     def gamma_now(self) -> float:
         """The gamma the schedule gives at the current step (random_strength: its mean, gamma / 2)."""
