@@ -20,7 +20,10 @@ pytestmark = pytest.mark.integration
 def cfg_for(storage_path, source, *overrides):
     return C.load_config("tiny_cpu", [f"run.storage_path={storage_path}", "run.name=bucket", f"data.source={source}",
                                       "data.resolution=32", "train.max_steps=4", "validation.every_n_steps=2",
-                                      "checkpoint.every_n_steps=2", "data.val_fraction=0.2", *overrides])
+                                      "checkpoint.every_n_steps=2", "data.val_fraction=0.2",
+                                      # the data path is under test here, not the sample images or the bias chain
+                                      "validation.prompts=[]", "validation.sample_steps=0",
+                                      "logging.sample_prompts=[]", *overrides])
 
 
 def test_bucket_data_checkpoints_resume_and_skip_counts(ray_local, tmp_path, s3_bucket):

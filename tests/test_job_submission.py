@@ -162,8 +162,9 @@ class JobsCLI:
 def submit(jobs: JobsCLI, submission_id: str, storage: str, cache: str) -> None:
     runtime_env = yaml.safe_load((REPO / "cluster" / "runtime_env.yaml").read_text())  # the shipped excludes
     runtime_env["env_vars"].update(RAYDIFF_STORAGE_PATH=storage, RAYDIFF_CACHE=cache)
+    # Validation (with its sample images) only at the start and the end: the job's stop and resume are under test.
     overrides = ["run.storage_path=$RAYDIFF_STORAGE_PATH", "run.name=job", f"train.max_steps={STEPS}",
-                 f"checkpoint.every_n_steps={CKPT_EVERY}", f"validation.every_n_steps={CKPT_EVERY}",
+                 f"checkpoint.every_n_steps={CKPT_EVERY}", f"validation.every_n_steps={STEPS}",
                  "data.demo_num_images=96", "data.val_fraction=0.15", "logging.sample_steps=2"]
     jobs.run("submit", "--submission-id", submission_id, "--no-wait", "--working-dir", ".",
              "--runtime-env-json", json.dumps(runtime_env), "--",
