@@ -30,7 +30,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
-from raydiff import models, storage
+from raydiff import storage
 from raydiff.data import sources, stats
 from raydiff.data.buckets import BUCKET_COLUMN
 from raydiff.data.stream import ORDER_COLUMN, UID_COLUMN
@@ -71,6 +71,8 @@ class Encoder:
     def __init__(self, spec: dict) -> None:
         import torch
 
+        from raydiff import models  # here, not at import: the per-epoch cache tasks need no torch or diffusers
+
         self.spec = EncoderSpec(**spec)
         self.device = torch.device("cuda" if self.spec.num_gpus > 0 and torch.cuda.is_available() else "cpu")
         enc = models.load_encoders(self.spec.pretrained, vae=self.spec.vae, revision=self.spec.revision,
@@ -82,6 +84,8 @@ class Encoder:
     def encode_text(self, ids: np.ndarray, ids_2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         import torch
 
+        from raydiff import models
+
         with torch.no_grad():
             embeds, pooled = models.encode_prompt(self.text_encoder, self.text_encoder_2, ids, ids_2)
         return _numpy(embeds), _numpy(pooled)
@@ -89,6 +93,8 @@ class Encoder:
     def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """Latent moments per row; rows of different sizes (aspect-ratio buckets) are encoded per size."""
         import torch
+
+        from raydiff import models
 
         rows = list(pixels) if pixels.dtype == object else [pixels]
         if pixels.dtype != object:
@@ -202,6 +208,8 @@ def fingerprint(spec, encoder: EncoderSpec, train_uids: np.ndarray) -> str:
 def _model_files(encoder: EncoderSpec) -> list:
     """(file, size, mtime) of the local encoder and tokenizer files: re-saving a model there changes the key.
     Hub ids are identified by their id and revision (part of the encoder spec)."""
+    from raydiff import models
+
     out = []
     for name, subs in ((encoder.pretrained, ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")),
                        (encoder.vae, ("",))):
