@@ -111,6 +111,25 @@ def step_flops(unet, batch: int, device, dtype: torch.dtype | None) -> int:
     return counter.get_total_flops()
 
 
+# SDXL base 1.0's VAE (the fp16-fix VAE has the same shapes): what a latent cache saves per image and step.
+SDXL_VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+                       block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
+                       up_block_types=["UpDecoderBlock2D"] * 4, sample_size=1024)
+
+
+def vae_encode_flops(resolution: int = 1024) -> int:
+    """FLOPs of the SDXL VAE encoder's forward on one image, counted on the meta device."""
+    from diffusers import AutoencoderKL
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        vae = AutoencoderKL(**SDXL_VAE_CONFIG)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            vae.encode(torch.zeros(1, 3, resolution, resolution))
+    return counter.get_total_flops()
+
+
 def dry_run(batch: int, flops: bool = True) -> dict:
     """CPU-only: build the UNet on the meta device (no memory), count parameters and (optionally) one step's FLOPs."""
     unet = build_unet("meta")
@@ -118,7 +137,8 @@ def dry_run(batch: int, flops: bool = True) -> dict:
            "attention_processors": sorted({type(p).__name__ for p in unet.attn_processors.values()})}
     if flops:
         total = step_flops(unet, batch, "meta", None)
-        out.update(tflop_per_step=round(total / 1e12, 2), tflop_per_image=round(total / batch / 1e12, 3))
+        out.update(tflop_per_step=round(total / 1e12, 2), tflop_per_image=round(total / batch / 1e12, 3),
+                   vae_encode_tflop_per_image=round(vae_encode_flops() / 1e12, 2))
     return out
 
 
