@@ -193,3 +193,20 @@ def _source_rows(d: str) -> list[dict]:
                 continue
             rows.append({"key": sample_key(img["bytes"]), "w": w, "h": h})
     return rows
+
+
+def test_cache_on_a_bucket_is_built_once_and_read_back(ray_local, tiny_sdxl, source, s3_bucket):
+    """data.cache_dir on a real S3-API server: the build, the manifest commit, a hit, and the per-epoch read."""
+    from raydiff import storage
+
+    spec = DataSpec(source=source, resolution=R, val_fraction=0.2, val_max_samples=3, seed=SEED, batch_size=8)
+    index = index_source(spec)
+    encoder = EncoderSpec(pretrained=tiny_sdxl, mode="text")
+    cache_dir = f"{s3_bucket}/cache"
+    data_dir = ensure_cache(spec, encoder, tiny_sdxl, index, cache_dir)
+    assert data_dir.startswith(cache_dir + "/") and storage.exists(os.path.dirname(data_dir) + "/cache.json")
+    assert ensure_cache(spec, encoder, tiny_sdxl, index, cache_dir) == data_dir
+    share = epoch_share(index.train_uids, SEED, StreamPosition(0, 1, 4, [0]), 0, 0, 0)
+    rows = _collect(planned_train_dataset(dataclasses.replace(spec, cache=data_dir), tiny_sdxl, share))
+    assert len(rows[ORDER_COLUMN]) == len(index.train_uids) - 1  # every good training row, the broken one skipped
+    assert "pixels" in rows and "prompt_embeds" in rows and LATENT_COLUMN not in rows  # text mode keeps pixels

@@ -140,7 +140,7 @@ def build_trainer(cfg: Config, callbacks: list | None = None) -> TorchTrainer:
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "run_dir": run_dir(cfg), "data_stats": stats_actor, "data": data,
-                           "cloud_env": storage.cloud_env() if is_uri(storage_path(cfg)) else {}},
+                           "cloud_env": storage.cloud_env() if uses_object_store(cfg) else {}},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=cfg.run.name,
@@ -154,6 +154,11 @@ def build_trainer(cfg: Config, callbacks: list | None = None) -> TorchTrainer:
         datasets={"val": val},
         dataset_config=DataConfig(datasets_to_split=[], execution_options={"val": _ordered()}),
     )
+
+
+def uses_object_store(cfg: Config) -> bool:
+    """Whether workers open s3:// / gs:// paths themselves: run files, or a precompute cache read per epoch."""
+    return is_uri(storage_path(cfg)) or is_uri(cfg.data.cache_dir or "")
 
 
 def prepare_run_dir(cfg: Config) -> str:
