@@ -69,6 +69,28 @@ def test_choose_epoch_variant_draws_the_online_flip_and_dropout():
     assert (batch["pooled"] == 1).all()  # the cached rows themselves are untouched
 
 
+def test_encoder_encodes_each_bucket_size_and_keeps_row_order(monkeypatch):
+    """Rows of different aspect-ratio buckets in one batch: one VAE call per size, results back in row order."""
+    from raydiff.data.precompute import Encoder
+
+    calls = []
+
+    def fake_moments(vae, pixels):  # moments = the first channel, twice (its value identifies the row)
+        calls.append(tuple(pixels.shape))
+        return torch.cat([pixels[:, :1].float()] * 2, dim=1)
+
+    monkeypatch.setattr(models, "latent_moments", fake_moments)
+    encoder = Encoder.__new__(Encoder)  # no model loading: the VAE call is replaced above
+    encoder.vae = None
+    sizes = [(4, 2), (2, 4), (4, 2), (2, 4), (4, 2)]
+    pixels = np.empty(len(sizes), dtype=object)
+    pixels[:] = [np.full((3, *hw), i, np.uint8) for i, hw in enumerate(sizes)]
+    out = encoder.encode_pixels(pixels)
+    assert sorted(calls) == [(2, 3, 2, 4), (3, 3, 4, 2)]
+    assert [o.shape for o in out] == [(2, *hw) for hw in sizes]
+    assert [float(o.mean()) for o in out] == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+
 @pytest.fixture(scope="module")
 def source(tmp_path_factory) -> str:
     """20 demo images plus one truncated image (skipped and counted)."""

@@ -21,10 +21,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import logging
 import os
 import uuid
 from dataclasses import asdict, dataclass
+
 import numpy as np
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -32,13 +32,9 @@ import ray
 
 from raydiff import storage
 from raydiff.data import sources, stats
-from raydiff.data.buckets import BUCKET_COLUMN
 from raydiff.data.stream import ORDER_COLUMN, UID_COLUMN
 from raydiff.data.transforms import plan_crop, sample_rng
 
-logger = logging.getLogger(__name__)
-
-MODES = ("none", "text", "latents")
 LATENT_COLUMN = "latent_moments"  # the VAE's latent distribution parameters, [2·C, h, w] per row
 EMBED_COLUMNS = ("prompt_embeds", "pooled")
 TOKEN_COLUMNS = ("input_ids", "input_ids_2")
@@ -96,19 +92,15 @@ class Encoder:
 
         from raydiff import models
 
-        rows = list(pixels) if pixels.dtype == object else [pixels]
-        if pixels.dtype != object:
+        if pixels.dtype != object:  # one size: one VAE call
             with torch.no_grad():
                 return _numpy(models.latent_moments(self.vae, torch.from_numpy(np.ascontiguousarray(pixels))))
-        out: list[np.ndarray | None] = [None] * len(rows)
-        for shape in {r.shape for r in rows}:
-            idx = [i for i, r in enumerate(rows) if r.shape == shape]
-            moments = self.encode_pixels(np.stack([rows[i] for i in idx]))
-            for i, m in zip(idx, moments):
-                out[i] = m
-        arr = np.empty(len(out), dtype=object)
-        arr[:] = out
-        return arr
+        out = np.empty(len(pixels), dtype=object)
+        for shape in {p.shape for p in pixels}:
+            idx = [i for i, p in enumerate(pixels) if p.shape == shape]
+            for i, moments in zip(idx, self.encode_pixels(np.stack([pixels[i] for i in idx]))):
+                out[i] = moments
+        return out
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = {k: v for k, v in batch.items() if k not in TOKEN_COLUMNS}
@@ -235,7 +227,6 @@ def ensure_cache(spec, encoder: EncoderSpec, tokenizer_path: str, index, cache_d
     if storage.exists(manifest_path):
         manifest = json.loads(storage.read_text(manifest_path))
         stats.record(spec.stats_actor, manifest["counts"], [])  # the skips of the build count in this run too
-        logger.info("precompute cache hit: %s (%d rows)", root, manifest["rows"])
         print(f"[raydiff] precompute cache hit: {root} ({manifest['rows']} rows)", flush=True)
         return storage.join(root, manifest["data"])
     return _build_cache(spec, encoder, tokenizer_path, index.val_cutoff, root)
