@@ -190,7 +190,7 @@ def main() -> None:
     tokenizer = resolve_pretrained("tiny")
     data = write_demo_dataset(tempfile.mkdtemp(prefix="raydiff-bench-"), num_images=args.images)
     table = pa.concat_tables([pq.read_table(os.path.join(data, f)) for f in sorted(os.listdir(data))])
-    ray.init(num_cpus=max(os.cpu_count() or 1, args.workers + 1), include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, args.workers + 1), include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     spec = DataSpec(source=data, resolution=args.resolution, val_fraction=0.0, batch_size=args.batch_size,
                     concurrency=args.workers)

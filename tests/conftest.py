@@ -32,7 +32,8 @@ def ray_local(raydiff_cache: str):
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=6, include_dashboard=False, log_to_driver=True)  # raydiff.train.driver.run_cpus of a 2-worker run
+        # 6 CPUs: raydiff.train.driver.run_cpus of a 2-worker run; "local": never a cluster some other run left behind
+        ray.init(address="local", num_cpus=6, include_dashboard=False, log_to_driver=True)
     yield ray
     ray.shutdown()
 

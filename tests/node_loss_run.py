@@ -49,10 +49,12 @@ def main() -> None:
         print(f"[node-loss] removed node {node.node_id} at step >= {remove_at}", flush=True)
 
     threading.Thread(target=remove_a_node, daemon=True).start()
-    out = run_training(cfg)
-    print(f"[node-loss] finished {out.run_dir}", flush=True)
-    ray.shutdown()
-    cluster.shutdown()
+    try:
+        out = run_training(cfg)
+        print(f"[node-loss] finished {out.run_dir}", flush=True)
+    finally:  # a failed run must not leave its nodes behind for the next ray.init on this machine to join
+        ray.shutdown()
+        cluster.shutdown()
 
 
 if __name__ == "__main__":

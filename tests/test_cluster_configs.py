@@ -185,3 +185,20 @@ def test_crd_validation_catches_a_broken_manifest(crd_validators):
     broken["spec"]["workerGroupSpecs"][0]["maxReplicas"] = "two"
     del broken["spec"]["workerGroupSpecs"][1]["groupName"]
     assert len(list(crd_validators["RayCluster"].iter_errors(broken))) == 2
+
+
+def test_a_recorded_local_cluster_is_joined_only_while_it_answers(monkeypatch):
+    """`python -m raydiff.train` on a node of a `ray start` cluster joins it; a record left by a dead cluster (a
+    crashed `ray start` or test cluster) must not send ray.init to a dead address."""
+    import socket
+
+    from raydiff.train import driver
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    address = "127.0.0.1:%d" % listener.getsockname()[1]
+    monkeypatch.setattr(driver, "find_bootstrap_address", lambda temp_dir: address)
+    assert driver._local_cluster_answers()
+    listener.close()
+    assert not driver._local_cluster_answers()
+    monkeypatch.setattr(driver, "find_bootstrap_address", lambda temp_dir: None)
+    assert not driver._local_cluster_answers()

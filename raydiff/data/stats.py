@@ -12,6 +12,7 @@ import logging
 import uuid
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +43,13 @@ _HANDLES: dict = {}  # per process; in the creating process this also keeps the 
 
 
 def create() -> str:
-    """Start a fresh counter actor for one run and return its name (it lives as long as the driver)."""
+    """Start a fresh counter actor for one run and return its name (it lives as long as the driver).
+
+    It is pinned to the driver's node: placed anywhere else, the loss of that node would leave a restarted run with
+    a dead counter that every preprocessor and worker calls; if the driver's node goes, the run goes with it anyway."""
     name = f"data-stats-{uuid.uuid4().hex[:12]}"
-    _HANDLES[name] = DataStats.options(name=name, namespace=NAMESPACE).remote()
+    on_driver_node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    _HANDLES[name] = DataStats.options(name=name, namespace=NAMESPACE, scheduling_strategy=on_driver_node).remote()
     return name
 
 

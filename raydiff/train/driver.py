@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -17,6 +18,7 @@ import ray.data
 import ray.train
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from ray._private.services import find_bootstrap_address  # where ray.init itself looks for a `ray start` cluster
 
 from raydiff import models, storage
 from raydiff.config import Config, ConfigError, is_uri, load_config, run_dir, storage_path
@@ -38,7 +40,8 @@ class RunOutputs:
 
 
 def init_ray(cfg: Config, num_cpus: float | None = None) -> None:
-    """Join the cluster we run in (ray job submit sets RAY_ADDRESS), else start a local Ray sized for the run
+    """Join the cluster we run in (ray job submit sets RAY_ADDRESS; on a node of a `ray start` cluster Ray finds
+    it), else start a local Ray sized for the run
     (or for `num_cpus`, the need of several concurrent runs)."""
     # Ray Data's progress bars would bury the training progress lines in the driver log.
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
@@ -50,12 +53,29 @@ def init_ray(cfg: Config, num_cpus: float | None = None) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+    address = os.environ.get("RAY_ADDRESS")
+    if (address and address != "local") or (address is None and _local_cluster_answers()):
+        ray.init(log_to_driver=True)  # ray.init(num_cpus=...) would refuse to join a running cluster
         return
     # Training workers hold fractional CPUs; make sure Ray Data's preprocessing still gets whole CPUs on a laptop.
     needed = num_cpus or run_cpus(cfg)
-    ray.init(num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)), include_dashboard=False)
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)), include_dashboard=False)
+
+
+def _local_cluster_answers() -> bool:
+    """Whether the cluster a `ray start` on this machine recorded (where ray.init looks) is up. A record left by a
+    cluster that died without `ray stop` would make ray.init try to join a dead address; it is reported and ignored."""
+    recorded = find_bootstrap_address(None)
+    if not recorded:
+        return False
+    host, _, port = recorded.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=2).close()
+        return True
+    except (OSError, ValueError):
+        print(f"[raydiff] ignoring {recorded}, the Ray cluster recorded on this machine: it does not answer "
+              "(stopped without `ray stop`?); starting a local Ray", flush=True)
+        return False
 
 
 def run_cpus(cfg: Config) -> float:
