@@ -201,6 +201,7 @@ def test_submit_stop_resubmit_resumes_and_succeeds(ray_head, raydiff_cache, tmp_
     assert resumed >= CKPT_EVERY and resumed % CKPT_EVERY == 0
     assert f"step {STEPS}/{STEPS} | loss" in logs and "samples/s" in logs and "ETA" in logs
     assert re.search(r"step 1/", logs) is None, "the resubmitted job must not start over"
+    assert "Reporting training result" not in logs, "Ray Train's per-rank report lines repeat the progress lines"
     assert "[raydiff] run finished" in logs and f"steps:          {STEPS}" in logs
     rows = read_metrics(str(run_dir / "metrics.jsonl"))
     assert [r["step"] for r in rows] == list(range(STEPS + 1)), "one metrics row per step across both jobs"
