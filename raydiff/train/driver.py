@@ -41,8 +41,7 @@ class RunOutputs:
 
 def init_ray(cfg: Config, num_cpus: float | None = None) -> None:
     """Join the cluster we run in (ray job submit sets RAY_ADDRESS; on a node of a `ray start` cluster Ray finds
-    it), else start a local Ray sized for the run
-    (or for `num_cpus`, the need of several concurrent runs)."""
+    it), else start a local Ray sized for the run (or for `num_cpus`, the need of several concurrent runs)."""
     # Ray Data's progress bars would bury the training progress lines in the driver log.
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     # The controller drains each worker's one-slot report queue at this interval (default 2 s), which bounds how
