@@ -82,13 +82,20 @@ def upload_dir(local_dir: str, dest: str) -> None:
 
 
 def write_bytes(path: str, data: bytes) -> None:
-    """Write a whole small binary file (e.g. a sample grid PNG), creating parent directories."""
+    """Write a whole small binary file (e.g. a sample grid PNG), creating parent directories.
+
+    Readers never see half a file: a local file is written beside its place and renamed over it (a run killed
+    mid-write keeps the old one); an object store publishes an object only when its upload completes.
+    """
     fs, p = _fs(path)
     parent = p.rsplit("/", 1)[0]
     if parent:
         fs.create_dir(parent, recursive=True)
-    with fs.open_output_stream(p) as f:
+    target = f"{p}.partial-{os.getpid()}" if is_local(path) else p
+    with fs.open_output_stream(target) as f:
         f.write(data)
+    if target != p:
+        fs.move(target, p)
 
 
 def is_local(path: str) -> bool:

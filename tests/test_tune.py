@@ -73,6 +73,59 @@ def test_best_model_is_the_best_exported_trial_when_the_best_was_stopped():
     assert best_model_lines(stopped, None)[-1].endswith("(none: no trial finished with an export)")
 
 
+def asha(state_path) -> "ResumableASHA":  # noqa: F821 - the shipped tiny sweep's rungs: steps 2, 4, 8
+    from raydiff.tune.asha import ResumableASHA
+
+    return ResumableASHA(str(state_path), time_attr="step", max_t=8, grace_period=2, reduction_factor=2,
+                         metric="val_loss", mode="min")
+
+
+def test_asha_rungs_survive_a_resumed_sweep(tmp_path):
+    import pickle
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    good, poor = SimpleNamespace(trial_id="good"), SimpleNamespace(trial_id="poor")
+    state = tmp_path / "asha_state.json"
+    first = asha(state)
+    first.save_state()
+    as_built = pickle.dumps(first)  # Tune restores the scheduler from this pickle, taken before any result
+    first.on_trial_add(None, good)
+    assert first.on_trial_result(None, good, {"step": 1, "loss": 0.9}) == TrialScheduler.CONTINUE  # no val_loss
+    assert first.on_trial_result(None, good, {"step": 2, "val_loss": 0.7}) == TrialScheduler.CONTINUE
+    assert json.loads(state.read_text())["brackets"][0][-1] == [2, {"good": -0.7}]
+
+    resumed = pickle.loads(as_built)
+    for trial in (good, poor):
+        resumed.on_trial_add(None, trial)
+    assert resumed.on_trial_result(None, poor, {"step": 2, "val_loss": 1.1}) == TrialScheduler.STOP
+    assert resumed.on_trial_result(None, good, {"step": 4, "val_loss": 0.5}) == TrialScheduler.CONTINUE
+
+    # Without the saved rungs the poor trial would be first at its rung and go on: what a resume did before.
+    forgetful = asha(tmp_path / "elsewhere.json")
+    forgetful.on_trial_add(None, poor)
+    assert forgetful.on_trial_result(None, poor, {"step": 2, "val_loss": 1.1}) == TrialScheduler.CONTINUE
+    # A new sweep in the same directory starts from empty rungs, not from the previous sweep's.
+    asha(state).save_state()
+    renewed = asha(state)
+    renewed.on_trial_add(None, poor)
+    assert renewed.on_trial_result(None, poor, {"step": 2, "val_loss": 1.1}) == TrialScheduler.CONTINUE
+
+
+def test_asha_state_of_differently_shaped_rungs_is_refused(tmp_path):
+    from types import SimpleNamespace
+
+    from raydiff.tune.asha import ResumableASHA
+
+    asha(tmp_path / "asha_state.json").save_state()
+    changed = ResumableASHA(str(tmp_path / "asha_state.json"), time_attr="step", max_t=8, grace_period=1,
+                            reduction_factor=2, metric="val_loss", mode="min")
+    refused = r"asha_state.json: rungs at steps \[8, 4, 2\] saved, the sweep's are at \[8, 4, 2, 1\]"
+    with pytest.raises(ValueError, match=refused):
+        changed.on_trial_add(None, SimpleNamespace(trial_id="t"))
+
+
 def test_concurrency_from_cluster_resources():
     from raydiff.tune.sweep import max_concurrent_trials
 
@@ -184,10 +237,16 @@ def test_every_trial_is_in_results_with_its_parameters(sweep):
 
 @pytest.mark.integration
 @pytest.mark.timeout(3600)  # the module's sweep runs in whichever of these tests comes first
-def test_asha_stops_at_least_one_trial_early(sweep):
+def test_asha_stops_the_untrained_trials_at_the_first_rung_across_the_resume(sweep):
+    # lr 1e-6 barely moves the model in 2 steps (val_loss ~1.11 against ~0.70 at lr 3e-3). Those trials start only
+    # after an lr 3e-3 trial has reported at step 2, often after the resume: ASHA must still know that report.
     stopped = [r for r in sweep["rows"] if r["status"] == "early-stopped"]
-    assert stopped and all(int(r["steps"]) < 8 and not r["model"] for r in stopped)
+    assert all(int(r["steps"]) < 8 and not r["model"] for r in stopped)
+    untrained = [r for r in sweep["rows"] if float(r["optim.lr"]) == 1e-6]
+    assert [(r["status"], r["steps"]) for r in untrained] == [("early-stopped", "2")] * 2, sweep["rows"]
     assert all(r["status"] in ("completed", "early-stopped") for r in sweep["rows"])
+    rungs = json.loads((sweep["dir"] / "scheduler" / "asha_state.json").read_text())["brackets"][0]
+    assert {r["trial_id"] for r in sweep["rows"]} == set(dict(rungs)[2])  # every trial was compared at step 2
 
 
 @pytest.mark.integration

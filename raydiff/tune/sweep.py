@@ -15,6 +15,7 @@ from ray import tune
 from raydiff import storage
 from raydiff.config import Config, from_dict, run_dir, set_value, storage_path, validate
 from raydiff.train.driver import init_ray, load_cli_config, run_cpus, run_training
+from raydiff.tune import asha
 from raydiff.tune.report import write_sweep_outputs
 
 METRIC, MODE = "val_loss", "min"
@@ -71,12 +72,15 @@ def max_concurrent_trials(cfg: Config, cluster: dict | None = None) -> int:
     return max(1, math.floor(fits + 1e-9))
 
 
-def scheduler(cfg: Config):
+def scheduler(cfg: Config, sweep_dir: str):
+    """The scheduler of a new sweep; ASHA starts with empty rungs, replacing any state left in `sweep_dir`."""
     if cfg.tune.scheduler == "fifo":
         return tune.schedulers.FIFOScheduler()
     # time_attr "step": rungs are in optimizer steps, whatever the report frequency.
-    return tune.schedulers.ASHAScheduler(time_attr="step", max_t=cfg.train.max_steps, grace_period=cfg.tune.grace_period,
-                                         reduction_factor=cfg.tune.reduction_factor)
+    rungs = asha.ResumableASHA(asha.state_path(sweep_dir), time_attr="step", max_t=cfg.train.max_steps,
+                               grace_period=cfg.tune.grace_period, reduction_factor=cfg.tune.reduction_factor)
+    rungs.save_state()
+    return rungs
 
 
 def search_alg(cfg: Config, concurrency: int):
@@ -102,7 +106,7 @@ def build_tuner(cfg: Config, sweep_dir: str) -> tune.Tuner:
         trainable,
         param_space=param_space(cfg),
         tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, num_samples=cfg.tune.num_samples,
-                                    scheduler=scheduler(cfg), search_alg=search_alg(cfg, concurrency),
+                                    scheduler=scheduler(cfg, sweep_dir), search_alg=search_alg(cfg, concurrency),
                                     max_concurrent_trials=concurrency),
         run_config=tune.RunConfig(name=cfg.run.name, storage_path=storage_path(cfg)),
     )

@@ -1,0 +1,87 @@
+"""ASHA whose rungs survive an interrupted sweep.
+
+Tune's restore brings back trials and the search algorithm but rebuilds the scheduler from the object pickled when
+the sweep began, i.e. with empty rungs. A resumed sweep would then compare its remaining trials with nothing: the
+first trial to reach each rung always continues, so a preemption could let poor trials run to max_steps. This
+scheduler writes its rungs to `scheduler/asha_state.json` in the sweep directory whenever they change, and reads
+them back when the resumed sweep adds its first trial. Not at the directory's top level: on a restore Tune copies
+the top-level .json/.pkl files to its staging directory and keeps uploading those copies back over the originals.
+"""
+
+from __future__ import annotations
+
+import json
+
+from ray.tune.schedulers import ASHAScheduler
+
+from raydiff import storage
+
+
+
+def state_path(sweep_dir: str) -> str:
+    return storage.join(sweep_dir, "scheduler", "asha_state.json")
+
+
+class ResumableASHA(ASHAScheduler):
+    def __init__(self, state_path: str, **asha_kwargs):
+        super().__init__(**asha_kwargs)
+        self._state_path = state_path
+        self._state_loaded = False  # the instance Tune unpickles on resume is the one built here, so False again
+        self._written = ""
+        self._saved_trial_bracket: dict[str, int] = {}
+
+    # --------------------------------------------------------------- state, as JSON a person can read
+
+    def state(self) -> dict:
+        """Per bracket, per rung milestone: {trial_id: recorded reward}; and which bracket holds each live trial."""
+        brackets = [[[milestone, dict(recorded)] for milestone, recorded in b._rungs] for b in self._brackets]
+        trials = {tid: self._brackets.index(b) for tid, b in self._trial_info.items()}
+        return {"brackets": brackets, "trial_bracket": trials, "num_stopped": self._num_stopped}
+
+    def save_state(self) -> None:
+        text = json.dumps(self.state(), indent=1, sort_keys=True)
+        if text != self._written:  # most reports carry no val_loss and change nothing
+            storage.write_text(self._state_path, text)
+            self._written = text
+
+    def load_state(self) -> None:
+        self._state_loaded = True
+        if not storage.exists(self._state_path):
+            return
+        saved = json.loads(storage.read_text(self._state_path))
+        if len(saved["brackets"]) != len(self._brackets):
+            raise ValueError(f"{self._state_path}: {len(saved['brackets'])} ASHA brackets saved, the sweep has "
+                             f"{len(self._brackets)}; the file belongs to another sweep")
+        for bracket, saved_rungs in zip(self._brackets, saved["brackets"]):
+            milestones, saved_milestones = [m for m, _ in bracket._rungs], [m for m, _ in saved_rungs]
+            if milestones != saved_milestones:
+                raise ValueError(f"{self._state_path}: rungs at steps {saved_milestones} saved, the sweep's are at "
+                                 f"{milestones} (grace_period, reduction_factor or max_steps changed)")
+            for (_, recorded), (_, saved_recorded) in zip(bracket._rungs, saved_rungs):
+                recorded.update(saved_recorded)
+        self._saved_trial_bracket = saved["trial_bracket"]
+        self._num_stopped = saved["num_stopped"]
+        self._written = json.dumps(self.state(), indent=1, sort_keys=True)
+
+    # --------------------------------------------------------------- Tune's hooks
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        if not self._state_loaded:
+            self.load_state()
+        super().on_trial_add(tune_controller, trial)
+        saved_bracket = self._saved_trial_bracket.get(trial.trial_id)
+        if saved_bracket is not None:  # a restored trial stays in the bracket it was compared in
+            self._trial_info[trial.trial_id] = self._brackets[saved_bracket]
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        action = super().on_trial_result(tune_controller, trial, result)
+        self.save_state()
+        return action
+
+    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+        super().on_trial_complete(tune_controller, trial, result)
+        self.save_state()
+
+    def on_trial_remove(self, tune_controller, trial) -> None:
+        super().on_trial_remove(tune_controller, trial)
+        self.save_state()
