@@ -243,10 +243,12 @@ def test_asha_stops_the_untrained_trials_at_the_first_rung_across_the_resume(swe
     stopped = [r for r in sweep["rows"] if r["status"] == "early-stopped"]
     assert all(int(r["steps"]) < 8 and not r["model"] for r in stopped)
     untrained = [r for r in sweep["rows"] if float(r["optim.lr"]) == 1e-6]
-    assert [(r["status"], r["steps"]) for r in untrained] == [("early-stopped", "2")] * 2, sweep["rows"]
+    assert [r["status"] for r in untrained] == ["early-stopped"] * 2, sweep["rows"]
     assert all(r["status"] in ("completed", "early-stopped") for r in sweep["rows"])
     rungs = json.loads((sweep["dir"] / "scheduler" / "asha_state.json").read_text())["brackets"][0]
     assert {r["trial_id"] for r in sweep["rows"]} == set(dict(rungs)[2])  # every trial was compared at step 2
+    # Stopped by the step-2 rung, not a later one. (Tune stops a trial asynchronously: it may run a step more.)
+    assert not {r["trial_id"] for r in untrained} & set(dict(rungs)[4])
 
 
 @pytest.mark.integration
