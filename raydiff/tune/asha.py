@@ -17,7 +17,6 @@ from ray.tune.schedulers import ASHAScheduler
 from raydiff import storage
 
 
-
 def state_path(sweep_dir: str) -> str:
     return storage.join(sweep_dir, "scheduler", "asha_state.json")
 
@@ -38,8 +37,11 @@ class ResumableASHA(ASHAScheduler):
         trials = {tid: self._brackets.index(b) for tid, b in self._trial_info.items()}
         return {"brackets": brackets, "trial_bracket": trials, "num_stopped": self._num_stopped}
 
+    def _state_text(self) -> str:
+        return json.dumps(self.state(), indent=1, sort_keys=True)
+
     def save_state(self) -> None:
-        text = json.dumps(self.state(), indent=1, sort_keys=True)
+        text = self._state_text()
         if text != self._written:  # most reports carry no val_loss and change nothing
             storage.write_text(self._state_path, text)
             self._written = text
@@ -61,7 +63,7 @@ class ResumableASHA(ASHAScheduler):
                 recorded.update(saved_recorded)
         self._saved_trial_bracket = saved["trial_bracket"]
         self._num_stopped = saved["num_stopped"]
-        self._written = json.dumps(self.state(), indent=1, sort_keys=True)
+        self._written = self._state_text()
 
     # --------------------------------------------------------------- Tune's hooks
 
