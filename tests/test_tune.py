@@ -126,6 +126,16 @@ def test_asha_state_of_differently_shaped_rungs_is_refused(tmp_path):
         changed.on_trial_add(None, SimpleNamespace(trial_id="t"))
 
 
+@pytest.mark.parametrize("text", ['{"brackets": [[[8.0, {}]', '{"rungs": []}'])
+def test_unreadable_asha_state_is_refused_naming_the_file(tmp_path, text):
+    from types import SimpleNamespace
+
+    state = tmp_path / "asha_state.json"
+    state.write_text(text)  # cut short, or not written by raydiff
+    with pytest.raises(ValueError, match=r"asha_state.json: not an ASHA state file .*delete it"):
+        asha(state).on_trial_add(None, SimpleNamespace(trial_id="t"))
+
+
 def test_concurrency_from_cluster_resources():
     from raydiff.tune.sweep import max_concurrent_trials
 

@@ -17,6 +17,9 @@ from ray.tune.schedulers import ASHAScheduler
 from raydiff import storage
 
 
+STATE_KEYS = {"brackets", "trial_bracket", "num_stopped"}
+
+
 def state_path(sweep_dir: str) -> str:
     return storage.join(sweep_dir, "scheduler", "asha_state.json")
 
@@ -50,7 +53,7 @@ class ResumableASHA(ASHAScheduler):
         self._state_loaded = True
         if not storage.exists(self._state_path):
             return
-        saved = json.loads(storage.read_text(self._state_path))
+        saved = self._read_state()
         if len(saved["brackets"]) != len(self._brackets):
             raise ValueError(f"{self._state_path}: {len(saved['brackets'])} ASHA brackets saved, the sweep has "
                              f"{len(self._brackets)}; the file belongs to another sweep")
@@ -64,6 +67,17 @@ class ResumableASHA(ASHAScheduler):
         self._saved_trial_bracket = saved["trial_bracket"]
         self._num_stopped = saved["num_stopped"]
         self._written = self._state_text()
+
+    def _read_state(self) -> dict:
+        try:
+            saved = json.loads(storage.read_text(self._state_path))
+            problem = "" if STATE_KEYS <= set(saved) else f"keys {sorted(STATE_KEYS)} expected"
+        except (ValueError, TypeError) as err:  # cut short, or JSON that is not an object
+            problem = repr(err)
+        if problem:
+            raise ValueError(f"{self._state_path}: not an ASHA state file ({problem}); delete it to resume the sweep "
+                             "without the rungs recorded before the interruption")
+        return saved
 
     # --------------------------------------------------------------- Tune's hooks
 
