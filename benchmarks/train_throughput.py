@@ -146,15 +146,12 @@ class PlainTrainer:
         self.engine = None
         self.deepspeed_init_s = None
         if deepspeed_zero is not None:
-            import deepspeed
-
-            from raydiff.train.deepspeed_setup import deepspeed_config
+            from raydiff.train.deepspeed_setup import deepspeed_config, initialize_engine
 
             init_process_group()
             t0 = time.perf_counter()
-            self.engine, self.opt, _, _ = deepspeed.initialize(model=self.unet, optimizer=self.opt,
-                                                               config=deepspeed_config(cfg, 1),
-                                                               dist_init_required=False)
+            self.engine, self.opt, _, _ = initialize_engine(model=self.unet, optimizer=self.opt,
+                                                            config=deepspeed_config(cfg, 1), dist_init_required=False)
             self.deepspeed_init_s = time.perf_counter() - t0
         self.grad_clip = cfg.train.grad_clip
         self.loss_sum = torch.zeros(())

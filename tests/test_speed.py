@@ -128,7 +128,7 @@ def test_worker_setup_applies_speed_settings(tiny_sdxl, monkeypatch):
         seen["model"] = model
         return model, optimizer, None, lr_scheduler
 
-    monkeypatch.setattr(loop.deepspeed, "initialize", fake_initialize)
+    monkeypatch.setattr(loop, "initialize_engine", fake_initialize)
     monkeypatch.setattr(loop.ray.train, "get_checkpoint", lambda: None)  # a fresh run
     worker = object.__new__(loop.Worker)  # no Ray Train context needed for set-up
     worker.cfg = cfg_with("train.channels_last=true", "train.attention=eager", "train.gradient_checkpointing=true")

@@ -43,6 +43,23 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     return config
 
 
+# DeepSpeed's CPU shared-memory all-reduce op: it serves only `inference_all_reduce`, which training never calls.
+SHM_COMM_OP = "deepspeed_shm_comm"
+
+
+def initialize_engine(**initialize_kwargs):
+    """`deepspeed.initialize` without JIT-building the CPU shared-memory comm op.
+
+    On a CPU machine DeepSpeed's comm backend compiles that op into TORCH_EXTENSIONS_DIR on first use (minutes), for a
+    collective training never uses; and a build killed midway leaves its `lock` file behind, on which every later run
+    then waits forever. Marking the op incompatible makes the backend use plain torch.distributed (gloo) throughout.
+    """
+    import deepspeed
+
+    deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
+    return deepspeed.initialize(**initialize_kwargs)
+
+
 def build_optimizer(params, cfg: Config) -> torch.optim.Optimizer:
     opt = cfg.optim
     params = [p for p in params if p.requires_grad]

@@ -16,7 +16,6 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-import deepspeed
 import numpy as np
 import ray.train
 import ray.train.torch
@@ -30,7 +29,8 @@ from raydiff.data.precompute import LATENT_COLUMN
 from raydiff.data.stream import StreamPosition
 from raydiff.train import checkpoint as ckpt
 from raydiff.train.checkpoint import DS_TAG, EMA_FILE, STATE_FILE
-from raydiff.train.deepspeed_setup import PRECISION_DTYPES, build_lr_scheduler, build_optimizer, deepspeed_config
+from raydiff.train.deepspeed_setup import (PRECISION_DTYPES, build_lr_scheduler, build_optimizer, deepspeed_config,
+                                          initialize_engine)
 from raydiff.train.metrics_log import MetricsLog
 from raydiff.train.speed import apply_speed_settings
 
@@ -102,7 +102,7 @@ class Worker:
         if self.universal:  # DeepSpeed re-shards a universal checkpoint's optimizer state for any world size
             ds_config["checkpoint"] = {"load_universal": True}
         optimizer = build_optimizer(unet.parameters(), cfg)
-        self.engine, _, _, self.lr_scheduler = deepspeed.initialize(
+        self.engine, _, _, self.lr_scheduler = initialize_engine(
             model=unet, optimizer=optimizer, lr_scheduler=build_lr_scheduler(optimizer, cfg),
             config=ds_config, dist_init_required=False)
         if cfg.train.ema_decay is not None:  # ZeRO 0-2 only (config validation): module params are whole here
