@@ -9,7 +9,7 @@ import textwrap
 # One process, world size 1: lock the shm comm op's build directory as a killed build would leave it, then build and
 # step an engine from raydiff's DeepSpeed config.
 ENGINE_SCRIPT = textwrap.dedent("""
-    import os, sys
+    import os
     import torch
     import torch.distributed as dist
     from torch.utils.cpp_extension import _get_build_directory
