@@ -1,10 +1,23 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures, and the lanes: a test that starts or joins Ray is `integration` (see docs/testing.md)."""
 
 from __future__ import annotations
 
 import os
 
-import pytest
+from raydiff import console
+
+console.configure()  # before Ray is imported: the suite's output shows raydiff's lines and the tests', not Ray's chatter
+
+import pytest  # noqa: E402
+
+# A test that uses one of these starts or joins a Ray cluster: it is marked `integration` (the full lane only).
+RAY_FIXTURES = {"ray_local", "ray_head"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,5 +1,7 @@
 """cluster/: the Ray cluster launcher files against the schema inside the installed ray package, the KubeRay manifests
-against the KubeRay CRDs in ../shared/kuberay/, and what neither schema can see (GPUs, autoscaling, entrypoints)."""
+against the project's own schema of the KubeRay fields they use (tests/schemas/kuberay.yaml) and, when they are at
+hand, against the full KubeRay CRDs too (RAYDIFF_KUBERAY_CRDS, else ../shared/kuberay/ beside the repository), and
+what no schema can see (GPUs, autoscaling, entrypoints)."""
 
 import importlib.util
 import os
@@ -17,7 +19,9 @@ from raydiff import config as C
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER = REPO / "cluster"
-KUBERAY_CRDS = REPO.parent / "shared" / "kuberay"  # CI clones the repo with shared/ beside it
+KUBERAY_SCHEMA = REPO / "tests" / "schemas" / "kuberay.yaml"  # ours: always checked
+KUBERAY_CRDS_ENV = "RAYDIFF_KUBERAY_CRDS"  # a directory holding ray.io_rayclusters.yaml and ray.io_rayjobs.yaml
+SHARED_KUBERAY_CRDS = REPO.parent / "shared" / "kuberay"  # CI clones the repo with shared/ beside it
 LAUNCHER_FILES = sorted(CLUSTER.glob("*.yaml"))
 LAUNCHER_FILES = [p for p in LAUNCHER_FILES if p.name != "runtime_env.yaml"]
 PROJECT_IMAGE = f"rayproject/ray:{ray.__version__}-py{sys.version_info.major}{sys.version_info.minor}-gpu"
@@ -84,14 +88,39 @@ def test_runtime_env_excludes_local_state():
 # ---------------------------------------------------------------- KubeRay
 
 
+KUBERAY_KINDS = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}
+
+
+def kuberay_crds_dir() -> Path | None:
+    """Where the full KubeRay CRDs are, if anywhere: $RAYDIFF_KUBERAY_CRDS when it names a directory, else
+    ../shared/kuberay/ when it exists. A bare clone has neither, and is checked against our schema alone."""
+    named = os.environ.get(KUBERAY_CRDS_ENV)
+    if named and Path(named).is_dir():
+        return Path(named)
+    return SHARED_KUBERAY_CRDS if SHARED_KUBERAY_CRDS.is_dir() else None
+
+
 @pytest.fixture(scope="module")
-def crd_validators():
-    validators = {}
-    for kind, file in (("RayCluster", "ray.io_rayclusters.yaml"), ("RayJob", "ray.io_rayjobs.yaml")):
-        crd = load(KUBERAY_CRDS / file)
-        (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
-        validators[kind] = jsonschema.Draft7Validator(v1["schema"]["openAPIV3Schema"])
+def crd_validators() -> dict[str, list[tuple[str, jsonschema.Draft7Validator]]]:
+    """Per kind, the (label, validator) pairs every manifest must pass: our own schema always, the full CRD too when
+    kuberay_crds_dir() finds one."""
+    ours = load(KUBERAY_SCHEMA)
+    jsonschema.Draft7Validator.check_schema(ours)
+    validators = {
+        kind: [("tests/schemas/kuberay.yaml", jsonschema.Draft7Validator({**ours, "$ref": f"#/definitions/{kind}"}))]
+        for kind in KUBERAY_KINDS
+    }
+    crds = kuberay_crds_dir()
+    if crds is not None:
+        for kind, file in KUBERAY_KINDS.items():
+            crd = load(crds / file)
+            (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+            validators[kind].append((str(crds / file), jsonschema.Draft7Validator(v1["schema"]["openAPIV3Schema"])))
     return validators
+
+
+def schema_errors(validator: jsonschema.Draft7Validator, doc: dict) -> list[str]:
+    return sorted(f"{'.'.join(map(str, e.path))}: {e.message}" for e in validator.iter_errors(doc))
 
 
 def kuberay_docs() -> list[tuple[str, dict]]:
@@ -105,8 +134,8 @@ def kuberay(kind: str) -> list[dict]:
 @pytest.mark.parametrize("name,doc", kuberay_docs(), ids=lambda x: x if isinstance(x, str) else "")
 def test_kuberay_manifest_matches_crd(crd_validators, name, doc):
     assert doc["apiVersion"] == "ray.io/v1"
-    errors = [f"{'.'.join(map(str, e.path))}: {e.message}" for e in crd_validators[doc["kind"]].iter_errors(doc)]
-    assert not errors, errors
+    errors = [f"{label}: {e}" for label, v in crd_validators[doc["kind"]] for e in schema_errors(v, doc)]
+    assert not errors, "\n".join(errors)
 
 
 def containers(group: dict) -> list[dict]:
@@ -184,7 +213,45 @@ def test_crd_validation_catches_a_broken_manifest(crd_validators):
     broken = copy.deepcopy(cluster)
     broken["spec"]["workerGroupSpecs"][0]["maxReplicas"] = "two"
     del broken["spec"]["workerGroupSpecs"][1]["groupName"]
-    assert len(list(crd_validators["RayCluster"].iter_errors(broken))) == 2
+    for label, validator in crd_validators["RayCluster"]:
+        errors = schema_errors(validator, broken)
+        assert len(errors) == 2, (label, errors)
+        assert errors[0].startswith("spec.workerGroupSpecs.0.maxReplicas: 'two'"), (label, errors)
+        assert errors[1] == "spec.workerGroupSpecs.1: 'groupName' is a required property", (label, errors)
+
+
+def test_own_kuberay_schema_catches_what_the_crds_let_through(crd_validators):
+    """The CRDs let a misspelt key through (the API server drops it) and have no enum for submissionMode; ours refuses
+    misspelt keys, wrong types and enum values, and a RayJob with neither a cluster to create nor one to select."""
+    import copy
+
+    (label, ours), *_ = crd_validators["RayCluster"]
+    assert label == "tests/schemas/kuberay.yaml"
+    (cluster,) = kuberay("RayCluster")
+    broken = copy.deepcopy(cluster)
+    group = broken["spec"]["workerGroupSpecs"][0]
+    group["maxReplica"] = group.pop("maxReplicas")
+    broken["spec"]["autoscalerOptions"]["upscalingMode"] = "Eager"
+    broken["spec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] = 0
+    assert schema_errors(ours, broken) == [
+        "spec.autoscalerOptions.upscalingMode: 'Eager' is not one of ['Default', 'Aggressive', 'Conservative']",
+        "spec.headGroupSpec.rayStartParams.num-cpus: 0 is not of type 'string'",
+        "spec.workerGroupSpecs.0: 'maxReplicas' is a required property",
+        "spec.workerGroupSpecs.0: Additional properties are not allowed ('maxReplica' was unexpected)",
+    ]
+
+    (label, ours), *_ = crd_validators["RayJob"]
+    job = copy.deepcopy(jobs_by_module()["raydiff.train"])
+    job["spec"]["shutdownAfterJobFinishes"] = "yes"
+    job["spec"]["submissionMode"] = "K8sJob"
+    job["spec"]["entryPoint"] = job["spec"].pop("entrypoint")
+    assert schema_errors(ours, job) == [
+        "spec.shutdownAfterJobFinishes: 'yes' is not of type 'boolean'",
+        "spec.submissionMode: 'K8sJob' is not one of ['K8sJobMode', 'HTTPMode', 'InteractiveMode', 'SidecarMode']",
+        "spec: Additional properties are not allowed ('entryPoint' was unexpected)",
+    ]
+    del job["spec"]["clusterSelector"]
+    assert any("is not valid under any of the given schemas" in e for e in schema_errors(ours, job))
 
 
 def test_a_recorded_local_cluster_is_joined_only_while_it_answers(monkeypatch):

@@ -179,6 +179,7 @@ def test_s3_filesystem_carries_endpoint_and_credentials(s3_bucket, monkeypatch):
         assert f.read() == b"hi"
 
 
+@pytest.mark.integration  # sources.read opens the dataset with Ray Data, which starts Ray
 def test_missing_columns_and_unknown_layout_are_clear(tmp_path):
     write_variant(str(tmp_path / "p"), "parquet_struct_dir")
     with pytest.raises(KeyError, match="caption"):

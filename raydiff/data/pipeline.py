@@ -14,8 +14,10 @@ arithmetic is in ``raydiff.data.stream``), found from one index pass over the so
 from __future__ import annotations
 
 import bisect
+import functools
 import logging
 import os
+import pickle
 from dataclasses import dataclass, replace
 from typing import Any, Iterator
 
@@ -55,8 +57,8 @@ OUTPUT_COLUMNS = ("pixels", "input_ids", "input_ids_2", "time_ids")
 KEY_COLUMN = "_key"  # crc32 sample key (int64)
 FLIPPED_SUFFIX = "_flipped"  # a cache row's columns for the mirrored crop
 _HASH_SPACE = 2**32
-PREPROCESS_ACTORS = (1, 2)  # (min, max) preprocessing actors per training worker's stream (and per split)
-MAX_LOGGED_SKIPS = 5  # per preprocessing actor; every skip is counted, only the first few are logged
+PREPROCESS_TASKS = 2  # concurrent preprocessing tasks per training worker's stream (and per split)
+MAX_LOGGED_SKIPS = 5  # per preprocessing process and settings; every skip is counted, only the first few are logged
 
 
 @dataclass
@@ -79,7 +81,7 @@ class DataSpec:
     stats_actor: str | None = None  # name of the run's DataStats actor (raydiff.data.stats.create)
     buckets: tuple[tuple[int, int], ...] = ()  # (width, height) aspect-ratio buckets; () = square crops
     batch_size: int = 32  # rows per preprocessing call
-    concurrency: int | tuple[int, int] = PREPROCESS_ACTORS  # (min, max) actors, or a fixed size
+    concurrency: int = PREPROCESS_TASKS  # concurrent preprocessing tasks
     encoder: dict | None = None  # streamed precompute: a raydiff.data.precompute.EncoderSpec for each epoch stream
     cache: str | None = None  # cached precompute: the cache's data directory, read instead of the source
 
@@ -212,6 +214,7 @@ class DataIndex:
 
     val_cutoff: int  # rows whose key is <= this are validation rows (-1: none)
     train_uids: np.ndarray  # identities of the training rows, sorted (raydiff.data.stream)
+    num_val: int = 0  # validation rows
 
 
 def index_source(spec: DataSpec) -> DataIndex:
@@ -226,8 +229,9 @@ def index_source(spec: DataSpec) -> DataIndex:
     cutoff = -1
     if spec.val_fraction > 0 and spec.val_max_samples > 0:
         cutoff = val_cutoff(keys[keys < int(spec.val_fraction * _HASH_SPACE)].tolist(), spec.val_max_samples)
-    logger.info("val split: %d of %d rows", int((keys <= cutoff).sum()), len(keys))
-    return DataIndex(cutoff, np.sort(uids[keys > cutoff]))
+    num_val = int((keys <= cutoff).sum())
+    logger.info("val split: %d of %d rows", num_val, len(keys))
+    return DataIndex(cutoff, np.sort(uids[keys > cutoff]), num_val)
 
 
 def _max_length(tokenizer: Any) -> int:
@@ -261,11 +265,7 @@ class Preprocessor:
     ) -> None:
         """``cache_rows``: rows for a precompute cache — both flips of the crop (``*_flipped`` columns), no caption
         dropout (drawn per epoch when the cache is read), and the sample's key and identity."""
-        from transformers import CLIPTokenizer  # imported here: only actors pay for it
-
-        self.tokenizers = [
-            CLIPTokenizer.from_pretrained(tokenizer_path, subfolder=sub) for sub in ("tokenizer", "tokenizer_2")
-        ]
+        self.tokenizers = _tokenizers(tokenizer_path)
         self.image_column, self.caption_column = image_column, caption_column
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
         self.seed, self.epoch, self.on_error = seed, epoch, on_error
@@ -366,40 +366,50 @@ def _stack(arrays: list[np.ndarray]) -> np.ndarray:
     return out
 
 
-def _actor_pool(concurrency: int | tuple[int, int] | list[int]) -> ray.data.ActorPoolStrategy:
-    # map_batches(concurrency=...) is deprecated in Ray Data 2.60; compute=ActorPoolStrategy replaces it.
-    if isinstance(concurrency, int):
-        return ray.data.ActorPoolStrategy(size=concurrency)
-    lo, hi = concurrency
-    return ray.data.ActorPoolStrategy(min_size=lo, max_size=hi)
+@functools.lru_cache(maxsize=4)
+def _tokenizers(tokenizer_path: str) -> tuple:
+    from transformers import CLIPTokenizer  # imported here: only the processes that preprocess pay for it
+
+    return tuple(CLIPTokenizer.from_pretrained(tokenizer_path, subfolder=sub) for sub in ("tokenizer", "tokenizer_2"))
+
+
+_PREPROCESSORS: dict[bytes, Preprocessor] = {}  # this process's, by pickled settings (one per epoch and split)
+
+
+def _preprocess(batch: pa.Table, *, tokenizer_path: str, settings: dict) -> dict[str, np.ndarray]:
+    """A Ray Data task: ``batch`` through this process's Preprocessor for these settings. Tasks run in Ray's warm
+    worker processes, so an epoch's execution starts at once; an actor pool per epoch and worker had to be created
+    (and import transformers) first: seconds at every epoch boundary, and a core-worker error line per actor."""
+    key = pickle.dumps((tokenizer_path, sorted(settings.items())))
+    if key not in _PREPROCESSORS:
+        if len(_PREPROCESSORS) >= 8:  # a long run's past epochs
+            _PREPROCESSORS.pop(next(iter(_PREPROCESSORS)))
+        _PREPROCESSORS[key] = Preprocessor(tokenizer_path, **settings)
+    return _PREPROCESSORS[key](batch)
 
 
 def _preprocessed(ds: ray.data.Dataset, src: sources.Source, spec: DataSpec, tokenizer_path: str,
                   epoch: int, cache_rows: bool = False) -> ray.data.Dataset:
-    return ds.map_batches(
-        Preprocessor,
-        batch_size=spec.batch_size,
-        batch_format="pyarrow",
-        compute=_actor_pool(spec.concurrency),
-        fn_constructor_args=(tokenizer_path,),
-        fn_constructor_kwargs={
-            "image_column": spec.image_column,
-            "caption_column": spec.caption_column,
-            "resolution": spec.resolution,
-            "center_crop": spec.center_crop,
-            "random_flip": spec.random_flip,
-            "seed": spec.seed,
-            "epoch": epoch,
-            "on_error": spec.on_error,
-            "caption_dropout": spec.caption_dropout,
-            "max_aspect_ratio": spec.max_aspect_ratio,
-            # Only image-folder rows are paths to read; parquet structs' paths are labels (or local files).
-            "filesystem": src.filesystem if src.format == "imagefolder" else None,
-            "stats_actor": spec.stats_actor,
-            "buckets": spec.buckets,
-            "cache_rows": cache_rows,
-        },
-    )
+    settings = {
+        "image_column": spec.image_column,
+        "caption_column": spec.caption_column,
+        "resolution": spec.resolution,
+        "center_crop": spec.center_crop,
+        "random_flip": spec.random_flip,
+        "seed": spec.seed,
+        "epoch": epoch,
+        "on_error": spec.on_error,
+        "caption_dropout": spec.caption_dropout,
+        "max_aspect_ratio": spec.max_aspect_ratio,
+        # Only image-folder rows are paths to read; parquet structs' paths are labels (or local files).
+        "filesystem": src.filesystem if src.format == "imagefolder" else None,
+        "stats_actor": spec.stats_actor,
+        "buckets": spec.buckets,
+        "cache_rows": cache_rows,
+    }
+    return ds.map_batches(_preprocess, batch_size=spec.batch_size, batch_format="pyarrow",
+                          compute=ray.data.TaskPoolStrategy(size=spec.concurrency),
+                          fn_kwargs={"tokenizer_path": tokenizer_path, "settings": settings})
 
 
 def _split_dataset(spec: DataSpec, tokenizer_path: str, epoch: int, cutoff: int, val: bool):
@@ -470,9 +480,13 @@ def planned_batches(spec: DataSpec, tokenizer_path: str, uids: np.ndarray, pos: 
             got = 0
             if share.end > share.first:
                 it = _outside_placement_group(planned_train_dataset(spec, tokenizer_path, share))
-                for block in it.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=prefetch_batches):
-                    got += len(block[ORDER_COLUMN])
-                    yield block
+                try:
+                    for block in it.iter_batches(batch_size=None, batch_format="numpy",
+                                                 prefetch_batches=prefetch_batches):
+                        got += len(block[ORDER_COLUMN])
+                        yield block
+                finally:
+                    _stop(it)
                 if not got:
                     return
             epoch += 1
@@ -496,4 +510,14 @@ def _outside_placement_group(ds: ray.data.Dataset):
     it = ray.get(launcher.split.remote(ds))
     it._raydiff_launcher = launcher  # keeps the coordinator's owner alive
     return it
+
+
+def _stop(it) -> None:
+    """End an epoch's execution at once. Left to Ray, the coordinator gets SIGTERM when its owner (the launcher) goes;
+    landing inside a Ray Data finalizer, that printed a SystemExit traceback per epoch per worker. ray.kill ends the
+    process without running Python handlers. `_coord_actor` is Ray Data's (2.60) handle on the split coordinator:
+    without it, only the launcher is killed and Ray stops the coordinator as before."""
+    for actor in (getattr(it, "_coord_actor", None), getattr(it, "_raydiff_launcher", None)):
+        if actor is not None:
+            ray.kill(actor)
 

@@ -1,5 +1,9 @@
 import sys
 
+from raydiff import console
+
+console.configure(verbose="--verbose" in sys.argv[1:])  # before Ray is imported
+
 from raydiff.train.driver import main
 
 sys.exit(main())

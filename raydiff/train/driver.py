@@ -16,15 +16,15 @@ from dataclasses import dataclass, field
 import ray
 import ray.data
 import ray.train
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray._private.services import find_bootstrap_address  # where ray.init itself looks for a `ray start` cluster
 
-from raydiff import models, storage
+from raydiff import console, models, storage
 from raydiff.config import Config, ConfigError, is_uri, load_config, run_dir, storage_path
 from raydiff.train import summary as summ
 from raydiff.train import tracking
-from raydiff.train.loop import train_loop_per_worker
+from raydiff.train.entry import train_loop_per_worker
 from raydiff.train.metrics_log import read_metrics
 
 
@@ -78,12 +78,12 @@ def _local_cluster_answers() -> bool:
 
 
 def run_cpus(cfg: Config) -> float:
-    """Logical CPUs one run needs to never stall: its workers, each worker's preprocessing (and streamed encoder)
-    actor pool at full size, and one for the read and sort tasks that feed them."""
-    from raydiff.data.pipeline import PREPROCESS_ACTORS
+    """Logical CPUs one run needs to never stall: its workers, each worker's preprocessing tasks (and streamed
+    encoder actors) at full concurrency, and one for the read and sort tasks that feed them."""
+    from raydiff.data.pipeline import PREPROCESS_TASKS
 
     streamed_encoders = cfg.data.precompute_concurrency if cfg.data.precompute != "none" and not cfg.data.cache_dir else 0
-    return cfg.scaling.num_workers * (cfg.scaling.cpus_per_worker + PREPROCESS_ACTORS[1] + streamed_encoders) + 1
+    return cfg.scaling.num_workers * (cfg.scaling.cpus_per_worker + PREPROCESS_TASKS + streamed_encoders) + 1
 
 
 def data_spec(cfg: Config, stats_actor: str | None = None):
@@ -143,13 +143,15 @@ def build_trainer(cfg: Config, callbacks: list | None = None) -> TorchTrainer:
     import dataclasses
 
     from raydiff.data import stats
-    from raydiff.data.pipeline import build_datasets, index_source
+    from raydiff.data.pipeline import index_source
 
-    stats_actor = stats.create()  # skipped-row counters shared by preprocessing actors and training workers
+    stats_actor = stats.create()  # skipped-row counters shared by preprocessing tasks and training workers
     spec = data_spec(cfg, stats_actor)
     tokenizer_path = models.resolve_pretrained(cfg.model.pretrained)
     index = index_source(spec)  # the split, and the training samples every worker's seeded stream draws from
-    val = build_datasets(spec, tokenizer_path, index=index)["val"]
+    print(f"[raydiff] data: {cfg.data.source or 'generated demo dataset'}: {len(index.train_uids)} training rows, "
+          f"{index.num_val} validation rows", flush=True)
+    val = validation_dataset(spec, tokenizer_path, index, stats_actor)
     spec = with_precompute(cfg, spec, tokenizer_path, index)
     data = {"spec": dataclasses.asdict(spec), "tokenizer_path": tokenizer_path, "train_uids": index.train_uids}
     s = cfg.scaling
@@ -159,7 +161,8 @@ def build_trainer(cfg: Config, callbacks: list | None = None) -> TorchTrainer:
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "run_dir": run_dir(cfg), "data_stats": stats_actor, "data": data,
-                           "cloud_env": storage.cloud_env() if uses_object_store(cfg) else {}},
+                           "cloud_env": storage.cloud_env() if uses_object_store(cfg) else {},
+                           "verbose": console.is_verbose()},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=cfg.run.name,
@@ -168,11 +171,24 @@ def build_trainer(cfg: Config, callbacks: list | None = None) -> TorchTrainer:
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
             callbacks=callbacks,
+            logging_config=LoggingConfig(log_level=console.train_log_level()),
         ),
         # Only val goes through Ray Train's ingest; each worker reads its own training stream (raydiff.data.stream).
         datasets={"val": val},
         dataset_config=DataConfig(datasets_to_split=[], execution_options={"val": _ordered()}),
     )
+
+
+def validation_dataset(spec, tokenizer_path: str, index, stats_actor: str):
+    """The held-out split, preprocessed once here and kept in the object store (at most data.val_max_samples rows):
+    every worker, and every worker group after a restart, reads these blocks instead of the source."""
+    from raydiff.data import stats
+    from raydiff.data.pipeline import build_datasets
+
+    val = build_datasets(spec, tokenizer_path, index=index)["val"].materialize()
+    if val.count() == 0:  # no held-out row, or every one was skipped: say why before any worker starts
+        raise stats.no_data_error(stats_actor, "validation")
+    return val
 
 
 def uses_object_store(cfg: Config) -> bool:
@@ -193,6 +209,7 @@ def run_training(cfg: Config, callbacks: list | None = None) -> RunOutputs:
     init_ray(cfg)
     models.resolve_pretrained(cfg.model.pretrained)  # build/cache the tiny model once, before workers race for it
     path = prepare_run_dir(cfg)
+    print(summ.format_start(cfg, path), flush=True)
     mlflow_run = tracking.start_mlflow_run(cfg)
     try:
         result = build_trainer(cfg, [*(callbacks or []), tracking.RunTracker(cfg, mlflow_run)]).fit()
@@ -234,6 +251,9 @@ def parse_args(argv: list[str] | None, prog: str, description: str) -> argparse.
     parser.add_argument("--config", default=None, help="config NAME (configs/NAME.yaml) or PATH; default tiny_cpu")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config key; repeatable")
+    parser.add_argument("--verbose", action="store_true",
+                        help=f"show every line Ray and the libraries print (also {console.VERBOSE_ENV}=1); by default "
+                             "they go to Ray's log files only")
     return parser.parse_args(argv)
 
 

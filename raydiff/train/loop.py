@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
 import os
 import shutil
@@ -22,7 +21,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from raydiff import models, objective, storage, validation
+from raydiff import console, models, objective, storage, validation
 from raydiff.config import Config, from_dict
 from raydiff.data import stats as data_stats
 from raydiff.data.precompute import LATENT_COLUMN
@@ -415,18 +414,10 @@ class Worker:
         dist.barrier()
 
 
-def quiet_ray_train_reports() -> None:
-    """Ray Train logs each report's whole metrics dict at INFO, once per rank, into the driver log; the progress line
-    already says it. Its logger is named after its module's file."""
-    try:
-        from ray.train.v2._internal.execution import context as train_context
-    except ImportError:  # moved in another Ray version: the lines stay, nothing else changes
-        return
-    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
-
-
 def train_loop_per_worker(loop_config: dict) -> None:
-    quiet_ray_train_reports()
+    if not loop_config.get("verbose"):
+        console.quiet_process()
+        console.disable_hf_progress_bars()
     cfg = from_dict(loop_config["config"])
     os.environ.update(loop_config.get("cloud_env") or {})  # run-dir files on an object store (raydiff.storage)
     worker = Worker(cfg, loop_config["run_dir"])

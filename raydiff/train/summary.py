@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import ray
 
-from raydiff import storage
+from raydiff import console, storage
 from raydiff.config import Config, is_uri
 
 LOSS_CURVE = "loss_curve.png"
@@ -56,10 +56,14 @@ def plot_loss_curve(rows: list[dict], path: str) -> str:
 
 
 @ray.remote(num_cpus=1)
-def _sample_grid(model_dir: str, prompts: list[str], steps: int, seed: int, cloud_env: dict[str, str]):
+def _sample_grid(model_dir: str, prompts: list[str], steps: int, seed: int, cloud_env: dict[str, str],
+                 verbose: bool):
     """Runs where a GPU is (when the run uses GPUs), not on a CPU-only head node."""
     from raydiff.generate import generate, image_grid
 
+    if not verbose:
+        console.quiet_process()
+        console.disable_hf_progress_bars()
     os.environ.update(cloud_env)  # the model may sit on an object store this worker has no credentials for
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -72,7 +76,22 @@ def sample_grid(cfg: Config, model_dir: str):
     # DEFAULT scheduling: inside a Tune trial the task must not be captured by the trial's tiny placement group.
     task = _sample_grid.options(num_gpus=gpus, scheduling_strategy="DEFAULT")
     return ray.get(task.remote(model_dir, cfg.logging.sample_prompts, cfg.logging.sample_steps, cfg.train.seed,
-                               storage.cloud_env()))
+                               storage.cloud_env(), console.is_verbose()))
+
+
+def format_start(cfg: Config, run_dir: str) -> str:
+    """The config in three lines, printed before Ray Train starts."""
+    t, s, d, o = cfg.train, cfg.scaling, cfg.deepspeed, cfg.objective
+    per_step = t.batch_size * t.grad_accum * s.num_workers
+    device = f"{s.gpus_per_worker:g} GPU" if s.use_gpu else f"{s.cpus_per_worker:g} CPU"
+    return "\n".join([
+        f"[raydiff] run {cfg.run.name} in {run_dir}",
+        f"[raydiff]   model {cfg.model.pretrained} | {t.max_steps} steps | {s.num_workers} workers ({device} each) x "
+        f"batch {t.batch_size} x accumulation {t.grad_accum} = {per_step} samples/step | ZeRO-{d.zero_stage} {d.precision}",
+        f"[raydiff]   IP gamma {o.gamma:g} ({o.gamma_schedule}) | {cfg.optim.optimizer} lr {cfg.optim.lr:.1e} "
+        f"({cfg.optim.lr_scheduler}) | validation every {cfg.validation.every_n_steps} | checkpoint every "
+        f"{cfg.checkpoint.every_n_steps} (keep {cfg.checkpoint.keep})",
+    ])
 
 
 def format_summary(s: Summary, run_dir: str, model_dir: str, checkpoint: str | None, extras: dict[str, str]) -> str:

@@ -15,7 +15,7 @@ import os
 
 from ray.train.v2.api.callback import UserCallback
 
-from raydiff import models, storage
+from raydiff import storage
 from raydiff.config import Config, is_uri, run_dir
 
 SCALARS = ("loss", "val_loss", "lr", "samples_per_s", "gamma", "epoch")
@@ -27,6 +27,7 @@ def tensorboard_dirs(cfg: Config) -> tuple[str, str | None]:
     target = storage.join(run_dir(cfg), "tensorboard")
     if not is_uri(target):
         return target, None
+    from raydiff import models  # here: the Train controller, which runs this callback, need not import diffusers
     return os.path.join(models.default_cache_dir(), "tensorboard-staging", cfg.run.name), target
 
 
@@ -106,6 +107,8 @@ class RunTracker(UserCallback):
         os.environ.update(self.cloud_env)
         report = metrics[0]
         step, scalars = int(report.get("step", 0)), reported_scalars(report)
+        if checkpoint is not None:
+            print(f"[raydiff] checkpoint at step {step}: {checkpoint.path}", flush=True)
         if self.cfg.logging.tensorboard:
             for key, value in scalars.items():
                 self.writer().add_scalar(key, value, global_step=step)
