@@ -20,6 +20,8 @@ pytestmark = pytest.mark.integration
 def cfg_for(storage_path, source, *overrides):
     return C.load_config("tiny_cpu", [f"run.storage_path={storage_path}", "run.name=bucket", f"data.source={source}",
                                       "data.resolution=32", "train.max_steps=4", "validation.every_n_steps=2",
+                                      # 1 worker x 8 rows: the rows per step of 2 x 4; the data path is under test
+                                      "scaling.num_workers=1", "train.batch_size=8",
                                       "checkpoint.every_n_steps=2", "data.val_fraction=0.2",
                                       # the data path is under test here, not the sample images or the bias chain
                                       "validation.prompts=[]", "validation.sample_steps=0",
@@ -27,7 +29,7 @@ def cfg_for(storage_path, source, *overrides):
 
 
 def test_bucket_data_checkpoints_resume_and_skip_counts(ray_local, tmp_path, s3_bucket):
-    # 16 good + 12 hostile rows: 4 steps x 2 workers x 4 samples pass the end of the first epoch, so every bad
+    # 16 good + 12 hostile rows: 4 steps x 8 samples pass the end of the first epoch, so every bad
     # row has been through preprocessing (val rows once at start-up) by the last step of the first run.
     data = write_demo_dataset(str(tmp_path / "data"), num_images=16, seed=5)
     bad, want = hostile_rows()

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -18,8 +19,10 @@ import pytest
 import torch
 
 from raydiff import config as C
-from raydiff.train.driver import run_training
+from raydiff.train.driver import RunOutputs, run_training
 from raydiff.train.metrics_log import read_metrics
+
+from exports import assert_export_matches_checkpoint, assert_generates
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parent.parent
@@ -27,11 +30,15 @@ STEPS = 4
 
 
 def overrides(storage, name: str, zero: int, *extra: str) -> list[str]:
-    # 30 demo images, at most 2 held out: the 4 steps of 2 workers x 4 rows cross an epoch boundary.
+    # 30 demo images, at most 2 held out: the 4 steps of 2 workers x 4 rows cross an epoch boundary. ZeRO-3 runs read
+    # a latent cache (data.precompute), built once by the first of them: its unbroken run is also the suite's check
+    # that ZeRO-3 from a cache trains and exports (test_zero3_reference_run_...).
+    latents = ["data.precompute=latents", f"data.cache_dir={os.path.join(os.environ['RAYDIFF_CACHE'], 'latents')}"]
     return [f"run.storage_path={storage}", f"run.name={name}", f"train.max_steps={STEPS}", f"deepspeed.zero_stage={zero}",
-            "checkpoint.every_n_steps=2", "checkpoint.keep=2", "validation.every_n_steps=4",
+            "checkpoint.every_n_steps=2", "checkpoint.keep=2", "validation.every_n_steps=2",
             "validation.sample_steps=0", "validation.prompts=[]", "logging.sample_prompts=[]",
-            "data.demo_num_images=30", "data.val_max_samples=2", "run.max_failures=1", *extra]
+            "data.demo_num_images=30", "data.val_max_samples=2", "run.max_failures=1",
+            *(latents if zero == 3 else []), *extra]
 
 
 def final_unet(run_dir) -> dict[str, torch.Tensor]:
@@ -54,15 +61,24 @@ def losses(run_dir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if r["step"] > 0}
 
 
+@dataclass
+class Reference:
+    out: RunOutputs
+    cfg: C.Config
+    unet: dict[str, torch.Tensor]  # the final export's weights
+    losses: dict[int, float]
+
+
 @pytest.fixture(scope="module")
 def unbroken(ray_local, tmp_path_factory):
-    """Runs that never broke, per ZeRO stage: (run dir, final UNet, losses)."""
+    """Runs that never broke, per ZeRO stage, run once for the module."""
     runs = {}
 
-    def get(zero: int):
+    def get(zero: int) -> Reference:
         if zero not in runs:
-            out = run_training(C.load_config("tiny_cpu", overrides(tmp_path_factory.mktemp("unbroken"), "u", zero)))
-            runs[zero] = (out.run_dir, final_unet(out.run_dir), losses(out.run_dir))
+            cfg = C.load_config("tiny_cpu", overrides(tmp_path_factory.mktemp("unbroken"), "u", zero))
+            out = run_training(cfg)
+            runs[zero] = Reference(out, cfg, final_unet(out.run_dir), losses(out.run_dir))
         return runs[zero]
 
     return get
@@ -103,7 +119,7 @@ def test_sigkilled_workers_resume_to_the_unbroken_weights(unbroken, tmp_path):
     """ZeRO-3 (every rank holds a shard of weights and optimizer): a worker is SIGKILLed after step 1, before any
     checkpoint (the group restarts from scratch), then again after step 3 (it restores the step-2 checkpoint). The
     ZeRO-2 restore after a lost worker is the node-loss test's."""
-    base_dir, base_unet, base_losses = unbroken(3)
+    base = unbroken(3)
     cfg = C.load_config("tiny_cpu", overrides(tmp_path, "killed", 3, "run.max_failures=2"))
     killed = []
 
@@ -129,8 +145,23 @@ def test_sigkilled_workers_resume_to_the_unbroken_weights(unbroken, tmp_path):
     assert len(killed) == 2, f"killed {killed}, expected two workers"
     for pid in killed:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    assert_same_weights(final_unet(out.run_dir), base_unet)
-    assert losses(out.run_dir) == base_losses  # the same batches, step for step
+    assert_same_weights(final_unet(out.run_dir), base.unet)
+    assert losses(out.run_dir) == base.losses  # the same batches, step for step
+
+
+def test_zero3_reference_run_trains_from_a_latent_cache_and_exports_its_checkpoint(unbroken):
+    """The ZeRO-3 reference (2 workers, shards of weights and optimizer) reads its rows from a latent cache built once
+    (raydiff.data.precompute), must still make val_loss fall, and exports what its last checkpoint holds."""
+    ref = unbroken(3)
+    assert len(glob.glob(os.path.join(ref.cfg.data.cache_dir, "*", "cache.json"))) == 1  # one complete cache
+    rows = read_metrics(ref.out.metrics_path)
+    vals = [r["val_loss"] for r in rows if r.get("val_loss") is not None]
+    assert len(vals) == 3 and vals[-1] < vals[0], vals  # steps 0, 2 and 4
+    assert all(r["gamma"] == 0.1 for r in rows)
+    assert {"loss", "lr", "samples_per_s"} <= set(rows[-1])
+    assert C.load_config(os.path.join(ref.out.run_dir, "config.yaml")) == ref.cfg
+    assert_export_matches_checkpoint(ref.out.model_dir, ref.out.checkpoint_path)
+    assert_generates(ref.out.model_dir)
 
 
 def driver_command(storage, name: str) -> list[str]:
@@ -140,7 +171,7 @@ def driver_command(storage, name: str) -> list[str]:
 
 @pytest.mark.timeout(2400)
 def test_driver_kill_relaunch_torn_checkpoint_and_shrunk_world(unbroken, ray_local, tmp_path, capfd):
-    _, base_unet, base_losses = unbroken(2)
+    base_unet, base_losses = unbroken(2).unet, unbroken(2).losses
     run_dir = str(tmp_path / "d")
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
 
@@ -191,7 +222,7 @@ def test_driver_kill_relaunch_torn_checkpoint_and_shrunk_world(unbroken, ray_loc
 def test_node_loss_on_a_multi_node_cluster_ends_like_the_unbroken_run(unbroken, tmp_path):
     """A head and three worker nodes (ray.cluster_utils.Cluster, in its own process); the node hosting a training
     worker is removed after step 3; the two nodes left hold the run, which restarts from the step-2 checkpoint."""
-    _, base_unet, base_losses = unbroken(2)
+    base_unet, base_losses = unbroken(2).unet, unbroken(2).losses
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run([sys.executable, str(REPO / "tests" / "node_loss_run.py"), str(tmp_path), "3",

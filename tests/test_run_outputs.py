@@ -16,7 +16,7 @@ from raydiff import config as C
 from raydiff import console
 from raydiff.train.metrics_log import read_metrics
 
-from test_train_integration import assert_export_matches_checkpoint, assert_generates
+from exports import assert_export_matches_checkpoint, assert_generates
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parent.parent

@@ -55,10 +55,8 @@ def plot_loss_curve(rows: list[dict], path: str) -> str:
     return path
 
 
-@ray.remote(num_cpus=1)
-def _sample_grid(model_dir: str, prompts: list[str], steps: int, seed: int, cloud_env: dict[str, str],
+def _render_grid(model_dir: str, prompts: list[str], steps: int, seed: int, cloud_env: dict[str, str],
                  verbose: bool):
-    """Runs where a GPU is (when the run uses GPUs), not on a CPU-only head node."""
     from raydiff.generate import generate, image_grid
 
     if not verbose:
@@ -71,12 +69,19 @@ def _sample_grid(model_dir: str, prompts: list[str], steps: int, seed: int, clou
         return image_grid(generate(local, prompts, steps=steps, seed=seed))
 
 
+_sample_grid_task = ray.remote(num_cpus=1)(_render_grid)
+
+
 def sample_grid(cfg: Config, model_dir: str):
-    gpus = cfg.scaling.gpus_per_worker if cfg.scaling.use_gpu else 0
+    """The end-of-run grid: a GPU run renders where a GPU is (not on a CPU-only head node); a CPU run renders here,
+    without starting (and importing diffusers into) another Ray worker process."""
+    args = (model_dir, cfg.logging.sample_prompts, cfg.logging.sample_steps, cfg.train.seed, storage.cloud_env(),
+            console.is_verbose())
+    if not cfg.scaling.use_gpu:
+        return _render_grid(*args)
     # DEFAULT scheduling: inside a Tune trial the task must not be captured by the trial's tiny placement group.
-    task = _sample_grid.options(num_gpus=gpus, scheduling_strategy="DEFAULT")
-    return ray.get(task.remote(model_dir, cfg.logging.sample_prompts, cfg.logging.sample_steps, cfg.train.seed,
-                               storage.cloud_env(), console.is_verbose()))
+    task = _sample_grid_task.options(num_gpus=cfg.scaling.gpus_per_worker, scheduling_strategy="DEFAULT")
+    return ray.get(task.remote(*args))
 
 
 def format_start(cfg: Config, run_dir: str) -> str:
