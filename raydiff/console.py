@@ -96,10 +96,15 @@ def configure(verbose: bool = False) -> None:
     quiet_process()
 
 
+_quieted = False  # this process's filters are installed (a driver calls quiet_process again for its sample grid)
+
+
 def quiet_process() -> None:
     """Drop the listed library notices in this process (the training loop calls it in each worker too)."""
-    if is_verbose():
+    global _quieted
+    if is_verbose() or _quieted:
         return
+    _quieted = True
     for name, pattern in LOCAL_NOISE.items():
         logging.getLogger(name).addFilter(_Drop(pattern))
     for category, message in IGNORED_WARNINGS:

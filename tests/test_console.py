@@ -98,7 +98,13 @@ def test_default_quiets_and_verbose_leaves_everything():
     for loud in (configured_env("--verbose"), configured_env(env={"RAYDIFF_VERBOSE": "1"})):
         assert loud["RAY_DEDUP_LOGS_SKIP_REGEX"] is None and loud["RAY_DATA_LOGGING_CONFIG"] is None
         assert loud["RAYDIFF_VERBOSE"] == "1"  # workers started from here see it too
-    assert console.train_log_level() in ("INFO", "WARNING")
+
+
+def test_ray_train_logs_warnings_only_unless_verbose(monkeypatch):
+    monkeypatch.delenv(console.VERBOSE_ENV, raising=False)
+    assert console.train_log_level() == "WARNING"
+    monkeypatch.setenv(console.VERBOSE_ENV, "1")
+    assert console.train_log_level() == "INFO"
 
 
 def test_the_cli_accepts_verbose():
