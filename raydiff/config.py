@@ -118,6 +118,10 @@ class DataSection:
     val_max_samples: int = 16
     on_error: str = "skip"  # skip | raise
     max_aspect_ratio: float = 4.0  # images with long/short side above this are skipped
+    # Rows a worker shuffles together within its span of an epoch (whole read units, at least this many rows): the
+    # row-level mixing on top of the per-epoch shuffle of units (parquet row groups, tar shards). Memory of a read
+    # task grows with it.
+    shuffle_window: int = 2048
     # Aspect-ratio buckets: [] = square crops at `resolution`; [sdxl] = the SDXL list scaled to `resolution`;
     # or WIDTHxHEIGHT sizes, e.g. [1024x1024, 1152x896, 896x1152].
     buckets: list[str] = field(default_factory=list)
@@ -393,7 +397,8 @@ _CHOICES = {
 _POSITIVE = ("scaling.num_workers", "train.max_steps", "train.batch_size", "train.grad_accum", "optim.lr",
              "data.resolution", "checkpoint.every_n_steps", "validation.every_n_steps", "validation.batch_size",
              "train.log_every_n_steps", "train.report_every_n_steps", "checkpoint.keep", "data.val_max_samples",
-             "data.demo_num_images", "data.precompute_concurrency", "tune.num_samples", "tune.grace_period", "logging.sample_steps")
+             "data.shuffle_window", "data.demo_num_images", "data.precompute_concurrency", "tune.num_samples",
+             "tune.grace_period", "logging.sample_steps")
 
 _NON_NEGATIVE = ("objective.gamma", "train.grad_clip", "optim.weight_decay", "optim.warmup_steps",
                  "run.max_failures", "train.seed", "train.prefetch_batches", "scaling.cpus_per_worker",

@@ -14,7 +14,7 @@ from PIL import Image
 
 from raydiff import config as C
 from raydiff.data.buckets import SDXL_BUCKETS_1024, closest_bucket, parse_buckets
-from raydiff.data.pipeline import DataSpec, _stack, build_datasets, index_source, planned_batches
+from raydiff.data.pipeline import DataSpec, _stack, build_datasets, build_manifest, planned_batches
 from raydiff.data.stream import ORDER_COLUMN, StreamPosition, rebatch
 from raydiff.data.transforms import apply_crop, plan_crop, sample_rng, time_ids
 
@@ -73,7 +73,7 @@ def test_bucket_batches_hold_one_bucket_and_keep_rows():
 
     batches_in = [{ORDER_COLUMN: np.arange(k, min(k + 7, 40)), **{c: col([r[c] for r in rows[k:k + 7]]) for c in rows[0]}}
                   for k in range(0, 40, 7)]
-    out = [b for b, _ in rebatch(batches_in, 4, "bucket")]
+    out = [b for b, _, _ in rebatch(batches_in, 4, "bucket")]
     assert out and all(len(set(b["bucket"].tolist())) == 1 and len(b["id"]) == 4 for b in out)
     assert all(b["pixels"].shape == (4, 3, 8 * (int(b["bucket"][0]) + 1), 8) for b in out)
     ids = [int(i) for b in out for i in b["id"]]
@@ -106,7 +106,7 @@ def test_preprocessor_assigns_buckets(ray_local, tiny_sdxl, tmp_path):
         assert int(r["bucket"]) == closest_bucket(ow, oh, list(buckets))
         assert r["pixels"].shape == (3, bh, bw) and tuple(r["time_ids"][4:]) == (bh, bw)
     # What a training worker gets from its stream: batches of one bucket each.
-    stream = planned_batches(spec, tiny_sdxl, index_source(spec).train_uids, StreamPosition(0, 1, 2, [0]), 0, 2)
+    stream = planned_batches(spec, tiny_sdxl, build_manifest(spec), StreamPosition(0, 1, 2, [0]), 0, 2)
     batches = [b for b, _, _ in itertools.islice(stream, 3)]
     assert len(batches) == 3
     for b in batches:

@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 from raydiff.data.demo import ensure_demo_dataset, write_demo_dataset
-from raydiff.data.pipeline import OUTPUT_COLUMNS, DataSpec, build_datasets, val_cutoff
+from raydiff.data.manifest import choose_val_rows
+from raydiff.data.pipeline import OUTPUT_COLUMNS, DataSpec, build_datasets, build_manifest
 from raydiff.data.transforms import (
     CropPlan,
     ImageDecodeError,
@@ -244,13 +245,16 @@ def test_decode_truncated_bytes_raises_clear_error():
         decode_image(b"")
 
 
-def test_val_cutoff_caps_without_splitting_duplicates():
-    assert val_cutoff([], 4) == -1
-    assert val_cutoff([5, 1, 3], 4) == 5
-    assert val_cutoff([5, 1, 3, 9, 7], 3) == 5
-    assert val_cutoff([1, 3, 5, 5, 7], 3) == 3  # the two 5s go to train together
-    assert val_cutoff([5, 5, 5], 2) == -1
-    assert val_cutoff([1, 2], 0) == -1
+def test_val_rows_depend_on_the_rows_places_only():
+    names, units = ["a.parquet", "b/c.parquet"], [[50, 50], [200]]
+    val = choose_val_rows(names, units, 0.2, 16)
+    assert len(val) == 16 and list(val) == sorted(set(val.tolist())) and val.min() >= 0 and val.max() < 300
+    assert choose_val_rows(names, units, 0.2, 16).tolist() == val.tolist()  # no seed: every trial holds out these
+    assert choose_val_rows(names, [[100], [200]], 0.2, 16).tolist() == val.tolist()  # row groups do not matter
+    assert set(choose_val_rows(names, units, 0.2, 8).tolist()) < set(val.tolist())  # a smaller cap keeps a subset
+    assert len(choose_val_rows(names, units, 0.01, 1000)) < 12  # the fraction bounds the candidates
+    assert choose_val_rows(names, units, 0.0, 16).size == 0 and choose_val_rows(names, units, 0.2, 0).size == 0
+    assert choose_val_rows(["x.parquet", "b/c.parquet"], units, 0.2, 16).tolist() != val.tolist()
 
 
 # ------------------------------------------------------------------------------------------------ Ray pipeline
@@ -311,14 +315,12 @@ def test_build_datasets_end_to_end(ray_local, dataset_dir, tokenizer_dir):
     from transformers import CLIPTokenizer
 
     rows = _source_rows(dataset_dir)
-    good = [r for r in rows if r["path"] != CORRUPT_PATH]
-    threshold = int(0.3 * 2**32)
-    cutoff = val_cutoff([r["key"] for r in good if r["key"] < threshold], 6)
-    exp_val_rows = sorted((r for r in good if r["key"] <= cutoff), key=lambda r: r["key"])
-    exp_train_rows = [r for r in good if r["key"] > cutoff]
-    assert len(exp_val_rows) == 6 and len(exp_train_rows) == len(good) - 6
-
     spec = _spec(dataset_dir)
+    held_out = set(build_manifest(spec).val_rows.tolist())  # global row = place in the sorted files' rows
+    assert len(held_out) == 6
+    exp_val_rows = [r for g, r in enumerate(rows) if g in held_out and r["path"] != CORRUPT_PATH]
+    exp_train_rows = [r for g, r in enumerate(rows) if g not in held_out and r["path"] != CORRUPT_PATH]
+    assert len(exp_val_rows) + len(exp_train_rows) == len(rows) - 1
     ds = build_datasets(spec, tokenizer_dir, epoch=0)
     assert set(ds) == {"train", "val"}
     train, val = _collect(ds["train"]), _collect(ds["val"])
@@ -345,6 +347,8 @@ def test_build_datasets_end_to_end(ray_local, dataset_dir, tokenizer_dir):
             want = tok([caption], padding="max_length", max_length=77, truncation=True).input_ids[0]
             assert train[col][i].tolist() == want
 
+    # Val rows come in listing order.
+    assert _as_samples(val) == _expected(exp_val_rows, 11, 0, center=True, flip=False)
     # A second call (another epoch) gives the same val, in the same order, and new train crops for the same images.
     again = build_datasets(spec, tokenizer_dir, epoch=1)
     val2, train2 = _collect(again["val"]), _collect(again["train"])
@@ -356,35 +360,39 @@ def test_build_datasets_end_to_end(ray_local, dataset_dir, tokenizer_dir):
     assert len(set(train2_samples) - set(train_samples)) > len(train_samples) // 2
 
 
-def test_two_workers_streams_visit_each_sample_once_per_epoch_in_a_new_seeded_order(ray_local, dataset_dir,
-                                                                                    tokenizer_dir):
-    from raydiff.data.pipeline import index_source, planned_train_dataset
-    from raydiff.data.stream import ORDER_COLUMN, StreamPosition, epoch_share
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_worker_streams_visit_each_sample_once_per_epoch_in_a_new_seeded_order(ray_local, dataset_dir, tokenizer_dir,
+                                                                               world):
+    from raydiff.data.pipeline import planned_train_dataset, share_chunks
+    from raydiff.data.stream import EPOCH_COLUMN, ORDER_COLUMN, StreamPosition, Units, epoch_share
 
-    spec = _spec(dataset_dir, val_fraction=0.0)
+    spec = _spec(dataset_dir, val_fraction=0.0, shuffle_window=8)
     good = [r for r in _source_rows(dataset_dir) if r["path"] != CORRUPT_PATH]
-    uids = index_source(spec).train_uids
-    assert len(uids) == len(good) + 1  # the index pass hashes without decoding: the corrupt row is still listed
-    pos = StreamPosition(0, 2, 4, [0, 0])
-    orders_by_epoch = []
-    for epoch in (0, 1):
-        samples, stream = [], []
-        for rank in (0, 1):
-            share = epoch_share(uids, spec.seed, pos, rank, epoch, 0)
-            cols = _collect(planned_train_dataset(spec, tokenizer_dir, share))
-            got = cols[ORDER_COLUMN].tolist()
-            assert got == sorted(got) and set(got) <= set(share.orders.tolist())  # in stream order, own rows only
-            assert len(share.orders) - len(got) <= 1  # at most the corrupt row is missing
-            samples += _as_samples(cols)
-            stream += [(rank, j, s) for j, s in zip(got, _as_samples(cols))]
-        # Every good sample exactly once across both workers, with this epoch's crop and flip.
-        assert sorted(samples) == sorted(_expected(good, 11, epoch, center=False, flip=True))
-        orders_by_epoch.append([t[:2] for _, _, (_, t) in sorted(stream)])
-    assert orders_by_epoch[0] != orders_by_epoch[1]  # each epoch has its own order
+    manifest = build_manifest(spec)
+    assert manifest.num_train == len(good) + 1  # start-up reads footers only: the corrupt row is still listed
+    pos = StreamPosition(0, world, 4, [0] * world)
+    samples, stream = {0: [], 1: []}, {0: [], 1: []}
+    for rank in range(world):  # one execution per worker serves both epochs
+        shares = [epoch_share(Units(manifest.unit_train_rows), spec.seed, pos, rank, e, 8) for e in (0, 1)]
+        chunks = [c for share in shares for c in share_chunks(manifest, share)]
+        cols = _collect(planned_train_dataset(spec, tokenizer_dir, manifest, chunks))
+        got = cols[ORDER_COLUMN].tolist()
+        assert got == sorted(got)  # in stream order
+        for share in shares:
+            mine = cols[EPOCH_COLUMN] == share.epoch
+            assert set(cols[ORDER_COLUMN][mine].tolist()) <= set(range(share.first, share.end))  # own rows only
+            assert share.end - share.first - mine.sum() <= 1  # at most the corrupt row is missing
+            picked = {c: v[mine] for c, v in cols.items()}
+            samples[share.epoch] += _as_samples(picked)
+            stream[share.epoch] += [(rank, j, s) for j, s in zip(picked[ORDER_COLUMN], _as_samples(picked))]
+    for epoch in (0, 1):  # every good sample exactly once across the workers, with this epoch's crop and flip
+        assert sorted(samples[epoch]) == sorted(_expected(good, 11, epoch, center=False, flip=True))
+    orders = [[t[:2] for _, _, (_, t) in sorted(stream[e])] for e in (0, 1)]
+    assert orders[0] != orders[1]  # each epoch has its own order
 
 
 def test_on_error_raise_names_the_row(ray_local, dataset_dir, tokenizer_dir):
     ds = build_datasets(_spec(dataset_dir, val_fraction=0.0, on_error="raise"), tokenizer_dir)["train"]
     with pytest.raises(Exception, match=CORRUPT_PATH) as info:
         _collect(ds)
-    assert "cannot preprocess row key=" in str(info.value)
+    assert "cannot preprocess source row " in str(info.value)

@@ -128,19 +128,21 @@ def test_format_detection(tmp_path, variant):
 
 
 def _rows(spec: DataSpec) -> dict[int, str]:
-    """{original width: caption} of what the Ray read stage yields (bytes fetched like the preprocessor does)."""
-    from raydiff.data.pipeline import image_parts, load_bytes, read_source
+    """{original width: caption} of what the read stage yields for every row (bytes fetched like the preprocessor)."""
+    from raydiff.data.pipeline import build_manifest, chunk_dataset, image_parts, load_bytes, unit_chunks
     from raydiff.data.transforms import decode_image
 
-    src = sources.resolve(spec.source, spec.format)
-    fs = src.filesystem if src.format == "imagefolder" else None
+    manifest = build_manifest(spec)
+    fs = manifest.filesystem if manifest.format == "imagefolder" else None
     out: dict[int, str] = {}
-    for batch in read_source(spec).iter_batches(batch_size=None, batch_format="pyarrow"):
+    ds = chunk_dataset(manifest, unit_chunks(manifest, np.arange(manifest.num_rows), 0))
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         data, paths = image_parts(batch[spec.image_column])
         for d, p, c in zip(data, paths, batch[spec.caption_column].to_pylist()):
             w = decode_image(load_bytes(d, p, fs)).size[0]
             assert w not in out
             out[w] = c
+    assert len(out) == manifest.num_rows
     return out
 
 
@@ -179,11 +181,12 @@ def test_s3_filesystem_carries_endpoint_and_credentials(s3_bucket, monkeypatch):
         assert f.read() == b"hi"
 
 
-@pytest.mark.integration  # sources.read opens the dataset with Ray Data, which starts Ray
 def test_missing_columns_and_unknown_layout_are_clear(tmp_path):
+    from raydiff.data.pipeline import build_manifest
+
     write_variant(str(tmp_path / "p"), "parquet_struct_dir")
-    with pytest.raises(KeyError, match="caption"):
-        sources.read(str(tmp_path / "p"), None, "image", "caption")
+    with pytest.raises(KeyError, match=r"'caption'.*train-0\.parquet"):
+        build_manifest(_spec(str(tmp_path / "p"), caption_column="caption"))
     (tmp_path / "q").mkdir()
     (tmp_path / "q" / "a.txt").write_text("x")
     with pytest.raises(ValueError, match="data.format"):

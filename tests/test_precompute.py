@@ -18,7 +18,7 @@ from PIL import Image
 from raydiff import models
 from raydiff.data import stats
 from raydiff.data.demo import write_demo_dataset
-from raydiff.data.pipeline import DataSpec, drop_caption, index_source, planned_train_dataset
+from raydiff.data.pipeline import DataSpec, build_manifest, drop_caption, planned_train_dataset, share_chunks
 from raydiff.data.precompute import (
     LATENT_COLUMN,
     EncoderSpec,
@@ -26,7 +26,7 @@ from raydiff.data.precompute import (
     ensure_cache,
     fingerprint,
 )
-from raydiff.data.stream import ORDER_COLUMN, StreamPosition, epoch_share
+from raydiff.data.stream import ORDER_COLUMN, StreamPosition, Units, epoch_share
 from raydiff.data.transforms import decode_image, flip_pair, plan_crop, sample_key, sample_rng, time_ids
 
 R = 32
@@ -50,7 +50,7 @@ def test_choose_epoch_variant_draws_the_online_flip_and_dropout():
     tids = np.tile(np.array([[50, 90, 3, 10, R, R]], dtype=np.float32), (40, 1))
     tids_f = tids.copy()
     tids_f[:, 3] = 99
-    batch = {"_key": keys, "_uid": keys, "time_ids": tids, "time_ids_flipped": tids_f,
+    batch = {"_key": keys, "_row": keys, "time_ids": tids, "time_ids_flipped": tids_f,
              LATENT_COLUMN: np.zeros((40, 2)), LATENT_COLUMN + "_flipped": np.ones((40, 2)),
              "prompt_embeds": np.ones((40, 3, 2), np.float32), "pooled": np.ones((40, 2), np.float32),
              ORDER_COLUMN: np.arange(40)}
@@ -67,6 +67,11 @@ def test_choose_epoch_variant_draws_the_online_flip_and_dropout():
         assert (out["pooled"][:, 0] == -1).tolist() == dropped and 5 < sum(dropped) < 35
         assert (out["prompt_embeds"][:, 0, 0] == -1).tolist() == dropped
     assert (batch["pooled"] == 1).all()  # the cached rows themselves are untouched
+    # Rows of a stream carry their own epoch (a read chunk may follow an epoch boundary).
+    out = choose_epoch_variant({**batch, "_epoch": np.arange(40) % 2}, seed=SEED, random_flip=True, center_crop=False,
+                               caption_dropout=0.5, empty=empty)
+    want_flip = [plan_crop(90, 50, R, False, True, sample_rng(SEED, i % 2, int(k))).flipped for i, k in enumerate(keys)]
+    assert (out["time_ids"][:, 3] == 99).tolist() == want_flip
 
 
 def test_encoder_encodes_each_bucket_size_and_keeps_row_order(monkeypatch):
@@ -138,7 +143,7 @@ def test_cache_and_streamed_precompute_give_the_online_unet_inputs(ray_local, ti
     actor = stats.create()
     spec = DataSpec(source=source, resolution=R, val_fraction=0.2, val_max_samples=3, seed=SEED, batch_size=8,
                     caption_dropout=DROPOUT, stats_actor=actor)
-    index = index_source(spec)
+    index = build_manifest(spec)
     encoder = EncoderSpec(pretrained=tiny_sdxl, mode="latents")
     cache_dir = str(tmp_path / "cache")
 
@@ -146,24 +151,25 @@ def test_cache_and_streamed_precompute_give_the_online_unet_inputs(ray_local, ti
     data_dir = ensure_cache(spec, encoder, tiny_sdxl, index, cache_dir)
     root = os.path.dirname(data_dir)
     manifest = json.load(open(os.path.join(root, "cache.json")))
-    assert manifest["rows"] == len(index.train_uids) - 1 and manifest["counts"]["data_skipped"] == 1
+    assert manifest["rows"] == index.num_train - 1 and manifest["counts"]["data_skipped"] == 1
     assert stats.metrics(actor)["data_skipped"] == 1
     # Hit: same data directory, nothing rebuilt; the build's skips count in the new run too.
     actor_2 = stats.create()
     assert ensure_cache(dataclasses.replace(spec, stats_actor=actor_2), encoder, tiny_sdxl, index, cache_dir) == data_dir
     assert sorted(os.listdir(root)) == sorted([os.path.basename(data_dir), "cache.json"])
+    assert "row_index.json" in os.listdir(data_dir)
     assert stats.metrics(actor_2)["data_skipped"] == 1
 
     # Epoch 0: the cached rows, the streamed encoder and the online path give the same UNet inputs per sample.
     enc = models.load_encoders(tiny_sdxl)
     pos = StreamPosition(0, 1, 4, [0])
-    share = epoch_share(index.train_uids, SEED, pos, 0, 0, 0)
-    online = _collect(planned_train_dataset(spec, tiny_sdxl, share))
-    cached = _collect(planned_train_dataset(dataclasses.replace(spec, cache=data_dir), tiny_sdxl, share))
+    share = share_chunks(index, epoch_share(Units(index.unit_train_rows), SEED, pos, 0, 0))
+    online = _collect(planned_train_dataset(spec, tiny_sdxl, index, share))
+    cached = _collect(planned_train_dataset(dataclasses.replace(spec, cache=data_dir), tiny_sdxl, index, share))
     streamed = _collect(planned_train_dataset(dataclasses.replace(spec, encoder=dataclasses.asdict(encoder)),
-                                              tiny_sdxl, share))
+                                              tiny_sdxl, index, share))
     assert online[ORDER_COLUMN].tolist() == cached[ORDER_COLUMN].tolist() == streamed[ORDER_COLUMN].tolist()
-    assert len(online[ORDER_COLUMN]) == len(index.train_uids) - 1
+    assert len(online[ORDER_COLUMN]) == index.num_train - 1
     assert LATENT_COLUMN in cached and "pixels" not in cached and "input_ids" not in cached
     reference = _unet_inputs(online, enc)
     _assert_same_inputs(_unet_inputs(cached, enc), reference)
@@ -178,8 +184,8 @@ def test_cache_and_streamed_precompute_give_the_online_unet_inputs(ray_local, ti
     assert 0 < sum(is_empty) < len(is_empty)
 
     # Epoch 1 from the cache: epoch 0's window, with the flip the online path draws in epoch 1.
-    share_1 = epoch_share(index.train_uids, SEED, pos, 0, 1, 0)
-    cached_1 = _collect(planned_train_dataset(dataclasses.replace(spec, cache=data_dir), tiny_sdxl, share_1))
+    share_1 = share_chunks(index, epoch_share(Units(index.unit_train_rows), SEED, pos, 0, 1))
+    cached_1 = _collect(planned_train_dataset(dataclasses.replace(spec, cache=data_dir), tiny_sdxl, index, share_1))
     rows = _source_rows(source)
     flips_changed = 0
     for t in cached_1["time_ids"]:
@@ -193,16 +199,17 @@ def test_cache_and_streamed_precompute_give_the_online_unet_inputs(ray_local, ti
         assert tuple(int(v) for v in t) in expected
     assert flips_changed > 0
 
-    # Miss (another cache directory) on a change of preprocessing, encoder dtype, model files or training rows.
-    key = fingerprint(spec, encoder, index.train_uids)
+    # Miss (another cache directory) on a change of preprocessing, encoder dtype, model files, source files or split.
+    key = fingerprint(spec, encoder, index)
     assert os.path.basename(root) == key
-    assert fingerprint(dataclasses.replace(spec, center_crop=True), encoder, index.train_uids) != key
-    assert fingerprint(dataclasses.replace(spec, seed=SEED + 1), encoder, index.train_uids) != key
-    assert fingerprint(spec, dataclasses.replace(encoder, text_dtype="bfloat16"), index.train_uids) != key
-    assert fingerprint(spec, encoder, index.train_uids[1:]) != key
+    assert fingerprint(dataclasses.replace(spec, center_crop=True), encoder, index) != key
+    assert fingerprint(dataclasses.replace(spec, seed=SEED + 1), encoder, index) != key
+    assert fingerprint(spec, dataclasses.replace(encoder, text_dtype="bfloat16"), index) != key
+    assert fingerprint(spec, encoder, dataclasses.replace(index, val_rows=index.val_rows[1:])) != key
+    assert fingerprint(spec, encoder, dataclasses.replace(index, fingerprint="another listing")) != key
     config = os.path.join(tiny_sdxl, "vae", "config.json")
     os.utime(config, ns=(os.stat(config).st_atime_ns, os.stat(config).st_mtime_ns + 1))
-    assert fingerprint(spec, encoder, index.train_uids) != key
+    assert fingerprint(spec, encoder, index) != key
 
 
 def _source_rows(d: str) -> list[dict]:
@@ -222,13 +229,13 @@ def test_cache_on_a_bucket_is_built_once_and_read_back(ray_local, tiny_sdxl, sou
     from raydiff import storage
 
     spec = DataSpec(source=source, resolution=R, val_fraction=0.2, val_max_samples=3, seed=SEED, batch_size=8)
-    index = index_source(spec)
+    index = build_manifest(spec)
     encoder = EncoderSpec(pretrained=tiny_sdxl, mode="text")
     cache_dir = f"{s3_bucket}/cache"
     data_dir = ensure_cache(spec, encoder, tiny_sdxl, index, cache_dir)
     assert data_dir.startswith(cache_dir + "/") and storage.exists(os.path.dirname(data_dir) + "/cache.json")
     assert ensure_cache(spec, encoder, tiny_sdxl, index, cache_dir) == data_dir
-    share = epoch_share(index.train_uids, SEED, StreamPosition(0, 1, 4, [0]), 0, 0, 0)
-    rows = _collect(planned_train_dataset(dataclasses.replace(spec, cache=data_dir), tiny_sdxl, share))
-    assert len(rows[ORDER_COLUMN]) == len(index.train_uids) - 1  # every good training row, the broken one skipped
+    share = share_chunks(index, epoch_share(Units(index.unit_train_rows), SEED, StreamPosition(0, 1, 4, [0]), 0, 0))
+    rows = _collect(planned_train_dataset(dataclasses.replace(spec, cache=data_dir), tiny_sdxl, index, share))
+    assert len(rows[ORDER_COLUMN]) == index.num_train - 1  # every good training row, the broken one skipped
     assert "pixels" in rows and "prompt_embeds" in rows and LATENT_COLUMN not in rows  # text mode keeps pixels

@@ -1,19 +1,17 @@
 """Ray Data pipeline: a dataset source (see ``sources``) → SDXL training rows (pixels, input_ids, input_ids_2, time_ids).
 
-Split: a row is in "val" iff crc32(image bytes) <= a cutoff; the cutoff is the largest hash that keeps at most
-``val_max_samples`` rows among those with hash < ``val_fraction``·2³². It depends only on the data (not on the
-seed or row order), so every trial of a sweep validates on the same images, and duplicates never straddle the split.
+Start-up reads metadata only (``build_manifest``: listing, parquet footers, tar headers): the read units, their row
+counts and the held-out validation rows (``raydiff.data.manifest``). Training reads each worker's seeded stream
+(``planned_batches``; the arithmetic is in ``raydiff.data.stream``): read chunks of whole units, each read once per
+epoch across workers, then preprocessed by Ray Data tasks in the stream's order. One Ray Data execution serves a
+worker's whole run, so there is no start-up at an epoch boundary.
 
 Seeding: each sample's crop/flip rng is ``SeedSequence([seed, epoch, crc32(image bytes)])`` — identical on any
 worker, batch size or read order.
-
-Training order: each worker reads its own seeded stream (``planned_train_dataset`` / ``planned_batches``; the
-arithmetic is in ``raydiff.data.stream``), found from one index pass over the source (``index_source``).
 """
 
 from __future__ import annotations
 
-import bisect
 import functools
 import logging
 import os
@@ -26,19 +24,22 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
+from raydiff.data import manifest as manifests
 from raydiff.data import sources, stats
 from raydiff.data.buckets import BUCKET_COLUMN, closest_bucket
+from raydiff.data.manifest import Manifest
 from raydiff.data.sources import FILE_COLUMN
 from raydiff.data.stream import (
+    EPOCH_COLUMN,
     ORDER_COLUMN,
-    UID_COLUMN,
+    ROW_COLUMN,
+    SHUFFLE_WINDOW,
     EpochShare,
     StreamPosition,
-    assign_rows,
+    Units,
     epoch_of,
     epoch_share,
     rebatch,
-    sample_uid,
 )
 from raydiff.data.transforms import (
     ImageDecodeError,
@@ -56,7 +57,6 @@ logger = logging.getLogger(__name__)
 OUTPUT_COLUMNS = ("pixels", "input_ids", "input_ids_2", "time_ids")
 KEY_COLUMN = "_key"  # crc32 sample key (int64)
 FLIPPED_SUFFIX = "_flipped"  # a cache row's columns for the mirrored crop
-_HASH_SPACE = 2**32
 PREPROCESS_TASKS = 2  # concurrent preprocessing tasks per training worker's stream (and per split)
 MAX_LOGGED_SKIPS = 5  # per preprocessing process and settings; every skip is counted, only the first few are logged
 
@@ -84,6 +84,7 @@ class DataSpec:
     concurrency: int = PREPROCESS_TASKS  # concurrent preprocessing tasks
     encoder: dict | None = None  # streamed precompute: a raydiff.data.precompute.EncoderSpec for each epoch stream
     cache: str | None = None  # cached precompute: the cache's data directory, read instead of the source
+    shuffle_window: int = SHUFFLE_WINDOW  # rows a worker shuffles together (whole units; raydiff.data.stream)
 
     def __post_init__(self) -> None:
         if self.on_error not in ("skip", "raise"):
@@ -92,20 +93,14 @@ class DataSpec:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.resolution <= 0 or self.batch_size <= 0 or self.val_max_samples < 0:
             raise ValueError("resolution and batch_size must be > 0, val_max_samples >= 0")
+        if self.shuffle_window < 1:
+            raise ValueError(f"shuffle_window must be >= 1, got {self.shuffle_window}")
         if self.max_aspect_ratio < 1:
             raise ValueError(f"max_aspect_ratio must be >= 1, got {self.max_aspect_ratio}")
 
 
 class RowError(ValueError):
     """A row could not be turned into a training sample (raised when on_error='raise')."""
-
-
-# ---------------------------------------------------------------- reading
-
-
-def read_source(spec: DataSpec) -> ray.data.Dataset:
-    """Read the source as rows of (image column, caption column, source file label)."""
-    return sources.read(spec.source, spec.format, spec.image_column, spec.caption_column)[0]
 
 
 # ---------------------------------------------------------------- row helpers (pure)
@@ -135,8 +130,9 @@ def row_keys(table: pa.Table, image_column: str) -> np.ndarray:
     return np.array([sample_key(d, p) for d, p in zip(data, paths)], dtype=np.int64)
 
 
-def describe_row(key: int, path: str | None, file: str | None) -> str:
-    return f"row key={key:#010x} image_path={path!r} file={file!r}"
+def describe_row(row: int, key: int, path: str | None, file: str | None) -> str:
+    place = f"source row {row}" if row >= 0 else "row"
+    return f"{place} key={key:#010x} image_path={path!r} file={file!r}"
 
 
 def load_bytes(data: bytes | None, path: str | None, filesystem: Any = None) -> bytes:
@@ -170,68 +166,55 @@ def drop_caption(seed: int, epoch: int, key: int, p: float) -> bool:
     return bool(rng.random() < p)
 
 
-def val_cutoff(candidate_keys: list[int], max_samples: int) -> int:
-    """Largest key k such that at most ``max_samples`` candidates are <= k (-1: empty val).
-
-    Cutting between distinct keys keeps duplicate images on one side of the split.
-    """
-    keys = sorted(candidate_keys)
-    if max_samples <= 0 or not keys:
-        return -1
-    if len(keys) <= max_samples:
-        return keys[-1]
-    first_over = bisect.bisect_left(keys, keys[max_samples])
-    return keys[first_over - 1] if first_over > 0 else -1
+# ---------------------------------------------------------------- the source's manifest and read chunks
 
 
-# ---------------------------------------------------------------- Ray stages
+def build_manifest(spec: DataSpec, workdir: str | None = None, filesystem: Any = None) -> Manifest:
+    """Units, row counts and held-out rows of ``spec.source``, from metadata (raydiff.data.manifest)."""
+    return manifests.build(spec.source, spec.format, spec.image_column, spec.caption_column, spec.val_fraction,
+                           spec.val_max_samples, workdir, filesystem)
 
 
-def _add_keys(batch: pa.Table, *, image_column: str) -> pa.Table:
-    if KEY_COLUMN in batch.column_names:
-        return batch
-    return batch.append_column(KEY_COLUMN, pa.array(row_keys(batch, image_column), type=pa.int64()))
+def read_chunk(batch: pa.Table, *, manifest: Manifest) -> pa.Table:
+    """A Ray Data task: one read chunk ({epoch, first local row, global rows}) → its rows in stream order, each
+    with its local row, epoch and identity. Reads each unit the chunk touches once."""
+    (epoch,), (first,), (rows,) = (batch[c].to_pylist() for c in ("epoch", "first", "rows"))
+    g = np.asarray(rows, dtype=np.int64)
+    unit, row = manifest.locate(g)
+    parts, places = [], []
+    for u in np.unique(unit):
+        at = np.flatnonzero(unit == u)
+        path, part = manifest.files[int(manifest.unit_file[u])], int(manifest.unit_part[u])
+        parts.append(sources.read_unit_rows(manifest.unit_filesystem, manifest.format, path, part,
+                                            row[at].tolist(), manifest.image_column, manifest.caption_column))
+        places.append(at)
+    table = pa.concat_tables(parts, promote_options="permissive") if len(parts) > 1 else parts[0]
+    table = table.take(pa.array(np.argsort(np.concatenate(places), kind="stable"), type=pa.int64()))
+    return (table.append_column(ORDER_COLUMN, pa.array(first + np.arange(len(g)), type=pa.int64()))
+            .append_column(EPOCH_COLUMN, pa.array(np.full(len(g), epoch), type=pa.int64()))
+            .append_column(ROW_COLUMN, pa.array(g, type=pa.int64())))
 
 
-def _index_rows(batch: pa.Table, *, image_column: str, caption_column: str) -> pa.Table:
-    data, paths = image_parts(batch[image_column])
-    captions = batch[caption_column].to_pylist()
-    keys = np.array([sample_key(d, p) for d, p in zip(data, paths)], dtype=np.int64)
-    uids = np.array([sample_uid(d, p, c) for d, p, c in zip(data, paths, captions)], dtype=np.int64)
-    return pa.table({KEY_COLUMN: keys, UID_COLUMN: uids})
+def chunk_dataset(manifest: Manifest, chunks: list[dict]) -> ray.data.Dataset:
+    """Raw source rows of these read chunks, one read task per chunk, in chunk order."""
+    items = [{"epoch": int(c["epoch"]), "first": int(c["first"]), "rows": np.asarray(c["rows"]).tolist()}
+             for c in chunks]
+    ds = ray.data.from_items(items or [{"epoch": 0, "first": 0, "rows": [0]}], override_num_blocks=max(len(items), 1))
+    if not items:  # an empty split (no held-out rows): no rows, the same stages
+        ds = ds.limit(0)
+    return ds.map_batches(read_chunk, batch_size=1, batch_format="pyarrow", fn_kwargs={"manifest": manifest})
 
 
-def _select_split(batch: pa.Table, *, image_column: str, cutoff: int, val: bool) -> pa.Table:
-    batch = _add_keys(batch, image_column=image_column)
-    keys = batch[KEY_COLUMN]
-    mask = pc.less_equal(keys, cutoff) if val else pc.greater(keys, cutoff)
-    return batch.filter(mask)
+def unit_chunks(manifest: Manifest, rows: np.ndarray, epoch: int) -> list[dict]:
+    """Global ``rows`` in listing order, one chunk per unit (validation, cache builds, previews)."""
+    unit, _ = manifest.locate(rows)
+    cuts = np.flatnonzero(np.diff(unit)) + 1
+    return [{"epoch": epoch, "first": int(part[0]) if len(part) else 0, "rows": part}
+            for part in np.split(rows, cuts) if len(part)]
 
 
-@dataclass(frozen=True)
-class DataIndex:
-    """What one cheap pass over the source (hashes only, no decode) tells: the split and the training samples."""
-
-    val_cutoff: int  # rows whose key is <= this are validation rows (-1: none)
-    train_uids: np.ndarray  # identities of the training rows, sorted (raydiff.data.stream)
-    num_val: int = 0  # validation rows
-
-
-def index_source(spec: DataSpec) -> DataIndex:
-    """The val/train split and the sorted identities of the training rows: 16 bytes per row on the driver."""
-    ds = read_source(spec)
-    ds = ds.map_batches(_index_rows, batch_format="pyarrow",
-                        fn_kwargs={"image_column": spec.image_column, "caption_column": spec.caption_column})
-    parts = [(b[KEY_COLUMN].to_numpy(), b[UID_COLUMN].to_numpy())
-             for b in ds.iter_batches(batch_size=None, batch_format="pyarrow") if b.num_rows]
-    keys = np.concatenate([k for k, _ in parts]) if parts else np.zeros(0, np.int64)
-    uids = np.concatenate([u for _, u in parts]) if parts else np.zeros(0, np.int64)
-    cutoff = -1
-    if spec.val_fraction > 0 and spec.val_max_samples > 0:
-        cutoff = val_cutoff(keys[keys < int(spec.val_fraction * _HASH_SPACE)].tolist(), spec.val_max_samples)
-    num_val = int((keys <= cutoff).sum())
-    logger.info("val split: %d of %d rows", num_val, len(keys))
-    return DataIndex(cutoff, np.sort(uids[keys > cutoff]), num_val)
+def training_rows(manifest: Manifest) -> np.ndarray:
+    return manifest.global_rows(np.arange(manifest.num_train))
 
 
 def _max_length(tokenizer: Any) -> int:
@@ -274,8 +257,9 @@ class Preprocessor:
         self.max_aspect_ratio, self.filesystem, self.stats_actor = max_aspect_ratio, filesystem, stats_actor
         self.buckets = [tuple(b) for b in buckets]
         self.num_skipped = 0
-        self._counts: dict[str, int] = {}  # this batch's counters, flushed to the stats actor per batch
-        self._examples: list[str] = []
+        self._row = -1  # the row being preprocessed (its global row in the source; -1 when unknown)
+        self._counts: dict[str, list[int]] = {}  # this batch's counted rows, flushed to the stats actor per batch
+        self._examples: list[dict] = []  # this batch's skipped rows
 
     def _sample(self, data: bytes | None, path: str | None, key: int, epoch: int):
         """([(pixels, time_ids)] — the drawn crop, or both flips of it for a cache —, bucket index)."""
@@ -295,11 +279,11 @@ class Preprocessor:
         self.num_skipped += 1
         self._count("data_skipped")
         if self.num_skipped <= MAX_LOGGED_SKIPS:
-            logger.warning("skipping %s: %s (%d skipped by this worker)", what, err, self.num_skipped)
-            self._examples.append(f"{what}: {err}")
+            logger.warning("skipping %s: %s (%d skipped by this process)", what, err, self.num_skipped)
+        self._examples.append({"row": self._row, "what": what, "reason": str(err)})
 
     def _count(self, name: str) -> None:
-        self._counts[name] = self._counts.get(name, 0) + 1
+        self._counts.setdefault(name, []).append(self._row)
 
     def _flush_counts(self) -> None:
         stats.record(self.stats_actor, self._counts, self._examples)
@@ -321,20 +305,24 @@ class Preprocessor:
         captions = batch[self.caption_column].to_pylist()
         files = batch[FILE_COLUMN].to_pylist() if FILE_COLUMN in batch.column_names else [None] * len(data)
         keys = row_keys(batch, self.image_column)
+        n = len(data)
+        ids_in = batch[ROW_COLUMN].to_numpy() if ROW_COLUMN in batch.column_names else np.full(n, -1, np.int64)
+        epochs = batch[EPOCH_COLUMN].to_numpy() if EPOCH_COLUMN in batch.column_names else np.full(n, self.epoch)
         variants: list[list[tuple[np.ndarray, tuple]]] = []
         kept, buckets, rows = [], [], []
         for i, (d, p, f, k, c) in enumerate(zip(data, paths, files, keys, captions)):
+            self._row, epoch = int(ids_in[i]), int(epochs[i])
             try:
-                crops, b = self._sample(d, p, int(k), self.epoch)
+                crops, b = self._sample(d, p, int(k), epoch)
             except (ValueError, OSError) as e:  # ImageDecodeError is a ValueError; OSError: unreadable path
-                self._skip_or_raise(describe_row(int(k), p, f), e)
+                self._skip_or_raise(describe_row(self._row, int(k), p, f), e)
                 continue
             rows.append(i)
             variants.append(crops)
             buckets.append(b)
             if c is None:
                 self._count("data_null_captions")
-            dropped = drop_caption(self.seed, self.epoch, int(k), self.caption_dropout)
+            dropped = drop_caption(self.seed, epoch, int(k), self.caption_dropout)
             kept.append("" if dropped else caption_text(c))
         self._flush_counts()
         ids, ids_2 = self._tokenize(kept)
@@ -345,11 +333,12 @@ class Preprocessor:
         kept_rows = np.asarray(rows, dtype=np.int64)
         if self.buckets:  # batches are regrouped by this column on the training workers (stream.rebatch)
             out[BUCKET_COLUMN] = np.asarray(buckets, dtype=np.int64)
-        if ORDER_COLUMN in batch.column_names:  # the planned stream's place of each kept row (raydiff.data.stream)
-            out[ORDER_COLUMN] = batch[ORDER_COLUMN].to_numpy()[kept_rows]
+        for column in (ORDER_COLUMN, EPOCH_COLUMN):  # the stream's place and epoch of each kept row
+            if column in batch.column_names:
+                out[column] = batch[column].to_numpy()[kept_rows]
         if self.identities:  # a cache row carries what the stream and the per-epoch draws need
             out[KEY_COLUMN] = keys[kept_rows]
-            out[UID_COLUMN] = np.array([sample_uid(data[i], paths[i], captions[i]) for i in rows], dtype=np.int64)
+            out[ROW_COLUMN] = ids_in[kept_rows]
         return out
 
     def _pixels(self, arrays: list[np.ndarray]) -> np.ndarray:
@@ -388,8 +377,8 @@ def _preprocess(batch: pa.Table, *, tokenizer_path: str, settings: dict) -> dict
     return _PREPROCESSORS[key](batch)
 
 
-def _preprocessed(ds: ray.data.Dataset, src: sources.Source, spec: DataSpec, tokenizer_path: str,
-                  epoch: int, cache_rows: bool = False) -> ray.data.Dataset:
+def _preprocessed(ds: ray.data.Dataset, manifest: Manifest, spec: DataSpec, tokenizer_path: str,
+                  epoch: int = 0, cache_rows: bool = False) -> ray.data.Dataset:
     settings = {
         "image_column": spec.image_column,
         "caption_column": spec.caption_column,
@@ -397,12 +386,12 @@ def _preprocessed(ds: ray.data.Dataset, src: sources.Source, spec: DataSpec, tok
         "center_crop": spec.center_crop,
         "random_flip": spec.random_flip,
         "seed": spec.seed,
-        "epoch": epoch,
+        "epoch": epoch,  # rows of the training stream carry their own (EPOCH_COLUMN)
         "on_error": spec.on_error,
         "caption_dropout": spec.caption_dropout,
         "max_aspect_ratio": spec.max_aspect_ratio,
         # Only image-folder rows are paths to read; parquet structs' paths are labels (or local files).
-        "filesystem": src.filesystem if src.format == "imagefolder" else None,
+        "filesystem": manifest.filesystem if manifest.format == "imagefolder" else None,
         "stats_actor": spec.stats_actor,
         "buckets": spec.buckets,
         "cache_rows": cache_rows,
@@ -412,30 +401,15 @@ def _preprocessed(ds: ray.data.Dataset, src: sources.Source, spec: DataSpec, tok
                           fn_kwargs={"tokenizer_path": tokenizer_path, "settings": settings})
 
 
-def _split_dataset(spec: DataSpec, tokenizer_path: str, epoch: int, cutoff: int, val: bool):
-    # A fresh read per split: each gets its own DataContext, so val's preserve_order doesn't leak into train.
-    ds, src = sources.read(spec.source, spec.format, spec.image_column, spec.caption_column)
-    ds = ds.map_batches(
-        _select_split,
-        batch_format="pyarrow",
-        fn_kwargs={"image_column": spec.image_column, "cutoff": cutoff, "val": val},
-    )
-    return _preprocessed(ds, src, spec, tokenizer_path, epoch)
-
-
-def planned_train_dataset(spec: DataSpec, tokenizer_path: str, share: EpochShare) -> ray.data.Dataset:
-    """One worker's rows of one epoch in its stream order (raydiff.data.stream): pick the rows of the share (before
-    any decode), sort them by their place, then preprocess in order with that epoch's crops and flips (and, with a
-    streamed precompute, encode them). With a precompute cache the rows come from the cache instead."""
+def planned_train_dataset(spec: DataSpec, tokenizer_path: str, manifest: Manifest, chunks: list[dict]) -> ray.data.Dataset:
+    """A worker's read chunks (raydiff.data.stream) as training rows in its stream order: read, then preprocessed
+    with each row's epoch's crop and flip (and, with a streamed precompute, encoded). With a precompute cache the
+    chunks' rows come from the cache instead."""
     from raydiff.data import precompute
 
     if spec.cache:
-        return precompute.cached_train_dataset(spec, share)
-    ds, src = sources.read(spec.source, spec.format, spec.image_column, spec.caption_column)
-    ds = ds.map_batches(assign_rows, batch_format="pyarrow",
-                        fn_kwargs={"image_column": spec.image_column, "caption_column": spec.caption_column,
-                                   "uids": share.uids, "orders": share.orders})
-    ds = _preprocessed(ds.sort(ORDER_COLUMN), src, spec, tokenizer_path, share.epoch)
+        return precompute.cached_train_dataset(spec, chunks)
+    ds = _preprocessed(chunk_dataset(manifest, chunks), manifest, spec, tokenizer_path)
     if spec.encoder:
         ds = precompute.encode_stage(ds, precompute.EncoderSpec(**spec.encoder), spec.batch_size)
     ds.context.execution_options.preserve_order = True
@@ -443,56 +417,91 @@ def planned_train_dataset(spec: DataSpec, tokenizer_path: str, share: EpochShare
 
 
 def build_datasets(spec: DataSpec, tokenizer_path: str, epoch: int = 0,
-                   index: DataIndex | None = None) -> dict[str, ray.data.Dataset]:
-    """{"train", "val"} datasets with exactly the columns OUTPUT_COLUMNS.
+                   manifest: Manifest | None = None) -> dict[str, ray.data.Dataset]:
+    """{"train", "val"} datasets of preprocessed rows (OUTPUT_COLUMNS and the stream's bookkeeping columns).
 
-    Runs one light pass over the data now (the split cutoff) unless ``index`` is given; everything else is lazy.
-    Val uses center crop, no flip and preserved order, so each evaluation sees identical inputs in identical order.
-    (Ray Train's DataConfig replaces a dataset's execution options: pass ``preserve_order=True`` for "val" there.)
-
-    ``epoch`` seeds the train crops. This train dataset streams in no fixed order (previews, benchmarks); training
-    reads the seeded, resumable per-worker stream of ``planned_train_dataset``.
+    Builds the manifest now unless given (metadata only); everything else is lazy. Train reads every training row
+    once in listing order with ``epoch``'s crops (previews, benchmarks, cache builds); training itself reads the
+    seeded, resumable per-worker stream of ``planned_batches``. Val uses center crop, no flip, every caption and
+    preserved order, so each evaluation sees identical inputs in identical order (Ray Train's DataConfig replaces
+    a dataset's execution options: pass ``preserve_order=True`` for "val" there).
     """
-    cutoff = (index or index_source(spec)).val_cutoff
-    train = _split_dataset(spec, tokenizer_path, epoch, cutoff, val=False)
-    # Val stays square (center crop at data.resolution) and keeps every caption: its batches are encoded once, in a
-    # fixed order.
+    manifest = manifest or build_manifest(spec)
     val_spec = replace(spec, center_crop=True, random_flip=False, caption_dropout=0.0, buckets=())
-    val = _split_dataset(val_spec, tokenizer_path, 0, cutoff, val=True)
-    val.context.execution_options.preserve_order = True
-    return {"train": train, "val": val}
+    out = {}
+    for split, rows, split_spec, split_epoch in (("train", training_rows(manifest), spec, epoch),
+                                                 ("val", manifest.val_rows, val_spec, 0)):
+        ds = chunk_dataset(manifest, unit_chunks(manifest, rows, split_epoch))
+        out[split] = _preprocessed(ds, manifest, split_spec, tokenizer_path, split_epoch).drop_columns(
+            [ORDER_COLUMN, EPOCH_COLUMN])
+    out["val"].context.execution_options.preserve_order = True
+    return out
 
 
-def planned_batches(spec: DataSpec, tokenizer_path: str, uids: np.ndarray, pos: StreamPosition, rank: int,
-                    batch_size: int, prefetch_batches: int = 2) -> Iterator[tuple[dict[str, np.ndarray], int, int]]:
-    """Rank ``rank``'s training batches from its row ``pos.consumed[rank]`` on, epoch after epoch:
-    (numpy batch of ``batch_size`` rows, local rows consumed, epoch of the last row). Ends if an epoch yields no
-    usable row (every row of the share was skipped), so the caller can stop with the data error."""
-    n = len(uids)
+def share_chunks(manifest: Manifest, share: EpochShare) -> list[dict]:
+    """An epoch share's read chunks: {epoch, first local row, global rows}."""
+    rows = manifest.global_rows(share.rows)
+    bounds = np.concatenate([[0], np.cumsum(share.chunks)]).astype(np.int64)
+    return [{"epoch": share.epoch, "first": share.first + int(a), "rows": rows[a:b]}
+            for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def stream_legs(manifest: Manifest, seed: int, pos: StreamPosition, rank: int, rows_per_leg: int,
+                window: int = SHUFFLE_WINDOW) -> Iterator[list[dict]]:
+    """Rank ``rank``'s read chunks from its row ``pos.consumed[rank]`` on, epoch after epoch, in legs of at least
+    ``rows_per_leg`` rows (one Ray Data execution each). Ends only if the stream holds no row at all."""
+    units = Units(manifest.unit_train_rows)
+    n = units.total
     if n == 0:
         return
-    start_row = pos.consumed[rank]
+    j = pos.consumed[rank]
+    epoch = epoch_of(n, pos, rank, j)
+    while True:
+        chunks, planned, empty_epochs = [], 0, 0
+        while planned < rows_per_leg:
+            share = epoch_share(units, seed, pos, rank, epoch, window).from_row(j)
+            chunks += share_chunks(manifest, share)
+            planned += len(share.rows)
+            empty_epochs = 0 if len(share.rows) else empty_epochs + 1
+            if empty_epochs > pos.world * pos.batch:  # cannot happen while n > 0; a guard against a silent spin
+                raise RuntimeError(f"rank {rank} has no rows in {empty_epochs} epochs of {n} training rows")
+            j = max(j, share.end)
+            epoch += 1
+        yield chunks
+
+
+def planned_batches(spec: DataSpec, tokenizer_path: str, manifest: Manifest, pos: StreamPosition, rank: int,
+                    batch_size: int, prefetch_batches: int = 2,
+                    rows_needed: int | None = None) -> Iterator[tuple[dict[str, np.ndarray], tuple[int, list], int]]:
+    """Rank ``rank``'s training batches from its row ``pos.consumed[rank]`` on, epoch after epoch:
+    (numpy batch of ``batch_size`` rows, (resume row, rows emitted after it), epoch of the batch's last row).
+
+    ``rows_needed`` (the rows the run still trains on) sizes the first Ray Data execution, so a whole run is one
+    execution; bad rows use up more and a further one follows. Ends if a whole execution yields no usable row
+    (every row was skipped), so the caller can stop with the data error."""
+    n = manifest.num_train
+    if n == 0:
+        return
+    leg = max(rows_needed or 0, n // max(pos.world, 1) + 1)
 
     def rows() -> Iterator[dict[str, np.ndarray]]:
-        epoch = epoch_of(n, pos, rank, start_row)
-        while True:
-            share = epoch_share(uids, spec.seed, pos, rank, epoch, start_row)
+        for chunks in stream_legs(manifest, spec.seed, pos, rank, leg, spec.shuffle_window):
             got = 0
-            if share.end > share.first:
-                it = _outside_placement_group(planned_train_dataset(spec, tokenizer_path, share))
-                try:
-                    for block in it.iter_batches(batch_size=None, batch_format="numpy",
-                                                 prefetch_batches=prefetch_batches):
-                        got += len(block[ORDER_COLUMN])
-                        yield block
-                finally:
-                    _stop(it)
-                if not got:
-                    return
-            epoch += 1
+            it = _outside_placement_group(planned_train_dataset(spec, tokenizer_path, manifest, chunks))
+            try:
+                for block in it.iter_batches(batch_size=None, batch_format="numpy",
+                                             prefetch_batches=prefetch_batches):
+                    got += len(block[ORDER_COLUMN])
+                    yield block
+            finally:
+                _stop(it)
+            if not got:
+                return
 
-    for batch, consumed in rebatch(rows(), batch_size, BUCKET_COLUMN if spec.buckets else None):
-        yield batch, consumed, epoch_of(n, pos, rank, consumed - 1)
+    group = BUCKET_COLUMN if spec.buckets else None
+    for batch, resume, emitted in rebatch(rows(), batch_size, group, pos.emitted[rank]):
+        epoch = int(batch.pop(EPOCH_COLUMN).max())
+        yield batch, (resume, emitted), epoch
 
 
 @ray.remote(num_cpus=0)

@@ -7,7 +7,7 @@ Two ways to use it:
   Every epoch still draws its own crops, flips and caption dropout; the training step skips the encoders.
 - **cached** (``data.cache_dir`` set): the training split is preprocessed and encoded once into parquet under
   ``<cache_dir>/<fingerprint>/``, and every later run with the same fingerprint (model files, encoder dtype,
-  preprocessing config, seed, and the content of the training split) reads it instead of the source.
+  preprocessing config, seed, the source files and the held-out rows) reads it instead of the source.
   Trade-off: the random crop is drawn once (epoch 0's draw) and frozen. Flips stay random per epoch — both mirror
   images of the crop are encoded, each with its own ``time_ids`` — and so does caption dropout (the empty prompt is
   encoded once and stored with the cache). Epoch 0 of a cached run trains on exactly what an online run trains on.
@@ -31,8 +31,8 @@ import pyarrow.parquet as pq
 import ray
 
 from raydiff import storage
-from raydiff.data import sources, stats
-from raydiff.data.stream import ORDER_COLUMN, UID_COLUMN
+from raydiff.data import stats
+from raydiff.data.stream import EPOCH_COLUMN, ORDER_COLUMN, ROW_COLUMN
 from raydiff.data.transforms import plan_crop, sample_rng
 
 LATENT_COLUMN = "latent_moments"  # the VAE's latent distribution parameters, [2·C, h, w] per row
@@ -40,7 +40,8 @@ EMBED_COLUMNS = ("prompt_embeds", "pooled")
 TOKEN_COLUMNS = ("input_ids", "input_ids_2")
 MANIFEST = "cache.json"  # written last: a cache directory without it is incomplete and ignored
 EMPTY_PROMPT = "empty_prompt.npz"
-CACHE_VERSION = 1  # bump when the cache layout or its meaning changes
+ROW_INDEX = "row_index.json"  # per cache row group: file, group, first and last source row (from the footers)
+CACHE_VERSION = 2  # bump when the cache layout or its meaning changes
 
 
 @dataclass
@@ -125,26 +126,28 @@ def encode_stage(ds: ray.data.Dataset, spec: EncoderSpec, batch_size: int) -> ra
 # ---------------------------------------------------------------- per-epoch draws on cached rows
 
 
-def choose_epoch_variant(batch: dict[str, np.ndarray], *, seed: int, epoch: int, random_flip: bool,
-                         center_crop: bool, caption_dropout: float, empty: dict[str, np.ndarray]) -> dict:
-    """Cache rows → this epoch's training rows: the flip the online path would draw this epoch (from the same
-    per-sample generator) and the seeded caption dropout (the stored empty-prompt encoding)."""
+def choose_epoch_variant(batch: dict[str, np.ndarray], *, seed: int, random_flip: bool, center_crop: bool,
+                         caption_dropout: float, empty: dict[str, np.ndarray], epoch: int = 0) -> dict:
+    """Cache rows → training rows of their epoch (``_epoch``, else ``epoch``): the flip the online path would draw
+    (from the same per-sample generator) and the seeded caption dropout (the stored empty-prompt encoding)."""
     from raydiff.data.pipeline import FLIPPED_SUFFIX, KEY_COLUMN, drop_caption
 
     keys = batch[KEY_COLUMN]
+    epochs = batch[EPOCH_COLUMN] if EPOCH_COLUMN in batch else np.full(len(keys), epoch)
     flips = np.zeros(len(keys), dtype=bool)
     if random_flip:
-        for i, (key, t) in enumerate(zip(keys, batch["time_ids"])):
+        for i, (key, t, e) in enumerate(zip(keys, batch["time_ids"], epochs)):
             orig_h, orig_w, target_h, target_w = int(t[0]), int(t[1]), int(t[4]), int(t[5])
             flips[i] = plan_crop(orig_w, orig_h, (target_w, target_h), center_crop, True,
-                                 sample_rng(seed, epoch, int(key))).flipped
+                                 sample_rng(seed, int(e), int(key))).flipped
     out = {}
     for column in batch:
-        if column.endswith(FLIPPED_SUFFIX) or column in (KEY_COLUMN, UID_COLUMN):
+        if column.endswith(FLIPPED_SUFFIX) or column in (KEY_COLUMN, ROW_COLUMN):
             continue
         flipped = batch.get(column + FLIPPED_SUFFIX)
         out[column] = batch[column] if flipped is None else _pick(batch[column], flipped, flips)
-    dropped = np.array([drop_caption(seed, epoch, int(k), caption_dropout) for k in keys], dtype=bool)
+    dropped = np.array([drop_caption(seed, int(e), int(k), caption_dropout) for k, e in zip(keys, epochs)],
+                       dtype=bool)
     for column in EMBED_COLUMNS:
         if dropped.any():
             out[column] = out[column].copy()
@@ -160,20 +163,48 @@ def _pick(plain: np.ndarray, flipped: np.ndarray, flips: np.ndarray) -> np.ndarr
     return out
 
 
-def cached_train_dataset(spec, share) -> ray.data.Dataset:
-    """One worker's rows of one epoch, read from the cache (``spec.cache``) in its stream order."""
-    from raydiff.data.stream import assign_rows
+def read_cached_chunk(batch, *, filesystem: pafs.FileSystem, root: str, index: dict[str, list]) -> "pa.Table":
+    """A Ray Data task: one read chunk's rows from the cache, in stream order. Reads only the cache row groups that
+    hold them; a row the cache build skipped (a bad image) is left out, as a decode failure would be online."""
+    import pyarrow as pa
 
-    fs, path = storage.filesystem(spec.cache)
-    ds = ray.data.read_parquet(path, filesystem=fs)
-    ds = ds.map_batches(assign_rows, batch_format="pyarrow",
-                        fn_kwargs={"image_column": None, "caption_column": None, "uids": share.uids,
-                                   "orders": share.orders})
-    ds = ds.sort(ORDER_COLUMN).map_batches(
-        choose_epoch_variant, batch_format="numpy", batch_size=spec.batch_size,
-        fn_kwargs={"seed": spec.seed, "epoch": share.epoch, "random_flip": spec.random_flip,
-                   "center_crop": spec.center_crop, "caption_dropout": spec.caption_dropout,
-                   "empty": read_empty_prompt(spec.cache)})
+    (epoch,), (first,), (rows,) = (batch[c].to_pylist() for c in ("epoch", "first", "rows"))
+    g = np.asarray(rows, dtype=np.int64)
+    entry = np.searchsorted(np.asarray(index["first"]), g, "right") - 1
+    parts, places = [], []
+    for e in np.unique(entry[entry >= 0]):
+        at = np.flatnonzero(entry == e)
+        with filesystem.open_input_file(f"{root}/{index['file'][e]}") as f:
+            table = pq.ParquetFile(f).read_row_group(int(index["group"][e]))
+        stored = table[ROW_COLUMN].to_numpy()
+        by_row = np.argsort(stored, kind="stable")
+        where = np.minimum(np.searchsorted(stored[by_row], g[at]), len(stored) - 1)
+        found = stored[by_row][where] == g[at]
+        parts.append(table.take(pa.array(by_row[where[found]], type=pa.int64())))
+        places.append(at[found])
+    if not parts:
+        return pa.table({ORDER_COLUMN: pa.array([], pa.int64())})
+    table = pa.concat_tables(parts)
+    place = np.concatenate(places)
+    by_place = np.argsort(place, kind="stable")
+    return (table.take(pa.array(by_place, type=pa.int64()))
+            .append_column(ORDER_COLUMN, pa.array(first + place[by_place], type=pa.int64()))
+            .append_column(EPOCH_COLUMN, pa.array(np.full(len(place), epoch), type=pa.int64())))
+
+
+def cached_train_dataset(spec, chunks: list[dict]) -> ray.data.Dataset:
+    """A worker's read chunks (raydiff.data.stream) from the cache (``spec.cache``), in its stream order."""
+    index = json.loads(storage.read_text(storage.join(spec.cache, ROW_INDEX)))
+    items = [{"epoch": int(c["epoch"]), "first": int(c["first"]), "rows": np.asarray(c["rows"]).tolist()}
+             for c in chunks]
+    ds = ray.data.from_items(items, override_num_blocks=max(len(items), 1))
+    # The filesystem travels pickled, with the endpoint and credentials resolved here (raydiff.storage).
+    fs, root = storage.filesystem(spec.cache)
+    ds = ds.map_batches(read_cached_chunk, batch_size=1, batch_format="pyarrow",
+                        fn_kwargs={"filesystem": fs, "root": root, "index": index})
+    ds = ds.map_batches(choose_epoch_variant, batch_format="numpy", batch_size=spec.batch_size,
+                        fn_kwargs={"seed": spec.seed, "random_flip": spec.random_flip, "center_crop": spec.center_crop,
+                                   "caption_dropout": spec.caption_dropout, "empty": read_empty_prompt(spec.cache)})
     ds.context.execution_options.preserve_order = True
     return ds
 
@@ -181,9 +212,10 @@ def cached_train_dataset(spec, share) -> ray.data.Dataset:
 # ---------------------------------------------------------------- the cache
 
 
-def fingerprint(spec, encoder: EncoderSpec, train_uids: np.ndarray) -> str:
+def fingerprint(spec, encoder: EncoderSpec, manifest) -> str:
     """What the cached rows depend on: the encoders' files, their dtype, the preprocessing, the seed (epoch 0's
-    crops) and the identities of the training rows (a changed dataset or split misses the cache)."""
+    crops), the source's files (names, sizes, modification times) and the held-out rows: a changed dataset or
+    split misses the cache."""
     from raydiff.data.pipeline import DataSpec
 
     assert isinstance(spec, DataSpec)
@@ -192,8 +224,8 @@ def fingerprint(spec, encoder: EncoderSpec, train_uids: np.ndarray) -> str:
                                                     "on_error", "buckets", "val_fraction", "val_max_samples")}
     enc = {k: v for k, v in asdict(encoder).items() if k not in ("concurrency", "num_gpus")}
     key = {"version": CACHE_VERSION, "encoder": enc, "preprocessing": preprocessing,
-           "model_files": _model_files(encoder),
-           "train_rows": hashlib.sha256(np.ascontiguousarray(train_uids, dtype=np.int64).tobytes()).hexdigest()}
+           "model_files": _model_files(encoder), "source": manifest.fingerprint,
+           "val_rows": hashlib.sha256(np.ascontiguousarray(manifest.val_rows, dtype=np.int64).tobytes()).hexdigest()}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
@@ -216,39 +248,39 @@ def _model_files(encoder: EncoderSpec) -> list:
     return out
 
 
-def ensure_cache(spec, encoder: EncoderSpec, tokenizer_path: str, index, cache_dir: str) -> str:
+def ensure_cache(spec, encoder: EncoderSpec, tokenizer_path: str, manifest, cache_dir: str) -> str:
     """The cache's data directory for this fingerprint, built now if no complete one exists.
 
     A build writes into a fresh directory and commits by writing the manifest last, so an interrupted build is
     never read and concurrent builders (Tune trials) cannot corrupt each other: the last manifest wins.
     """
-    root = storage.join(cache_dir, fingerprint(spec, encoder, index.train_uids))
+    root = storage.join(cache_dir, fingerprint(spec, encoder, manifest))
     manifest_path = storage.join(root, MANIFEST)
     if storage.exists(manifest_path):
         manifest = json.loads(storage.read_text(manifest_path))
         stats.record(spec.stats_actor, manifest["counts"], [])  # the skips of the build count in this run too
         print(f"[raydiff] precompute cache hit: {root} ({manifest['rows']} rows)", flush=True)
         return storage.join(root, manifest["data"])
-    return _build_cache(spec, encoder, tokenizer_path, index.val_cutoff, root)
+    return _build_cache(spec, encoder, tokenizer_path, manifest, root)
 
 
-def _build_cache(spec, encoder: EncoderSpec, tokenizer_path: str, val_cutoff: int, root: str) -> str:
-    from raydiff.data.pipeline import _preprocessed, _select_split
+def _build_cache(spec, encoder: EncoderSpec, tokenizer_path: str, manifest, root: str) -> str:
+    from raydiff.data.pipeline import _preprocessed, chunk_dataset, training_rows, unit_chunks
 
     print(f"[raydiff] precompute cache miss: encoding the training split into {root}", flush=True)
     before = stats.metrics(spec.stats_actor)
-    ds, src = sources.read(spec.source, spec.format, spec.image_column, spec.caption_column)
-    ds = ds.map_batches(_select_split, batch_format="pyarrow",
-                        fn_kwargs={"image_column": spec.image_column, "cutoff": val_cutoff,
-                                   "val": False})
-    ds = encode_stage(_preprocessed(ds, src, spec, tokenizer_path, epoch=0, cache_rows=True), encoder,
-                      spec.batch_size)
+    ds = chunk_dataset(manifest, unit_chunks(manifest, training_rows(manifest), 0))
+    ds = encode_stage(_preprocessed(ds, manifest, spec, tokenizer_path, cache_rows=True), encoder, spec.batch_size)
+    ds = ds.drop_columns([ORDER_COLUMN, EPOCH_COLUMN])
+    ds.context.execution_options.preserve_order = True  # row groups hold ascending runs of source rows
     data_dir = uuid.uuid4().hex[:12]
     fs, path = storage.filesystem(storage.join(root, data_dir))
     ds.write_parquet(path, filesystem=fs)
-    rows = sum(pq.ParquetFile(fs.open_input_file(f)).metadata.num_rows for f in _parquet_files(fs, path))
+    index = _row_index(fs, path)
+    rows = int(sum(index.pop("rows")))
     if rows == 0:
         raise stats.no_data_error(spec.stats_actor, "train")
+    storage.write_text(storage.join(root, data_dir, ROW_INDEX), json.dumps(index))
     empty = ray.get(_encode_empty_prompt.options(num_gpus=encoder.num_gpus or None).remote(asdict(encoder),
                                                                                            tokenizer_path))
     buf = io.BytesIO()
@@ -277,6 +309,26 @@ def read_empty_prompt(cache_data_dir: str) -> dict[str, np.ndarray]:
     with fs.open_input_file(path) as f:
         with np.load(io.BytesIO(f.read())) as z:
             return {k: z[k] for k in z.files}
+
+
+def _row_index(fs: pafs.FileSystem, path: str) -> dict[str, list]:
+    """Where each source row is in the cache, from the footers: per row group its file, number and first row."""
+    entries = []
+    for file in _parquet_files(fs, path):
+        with fs.open_input_file(file) as f:
+            meta = pq.ParquetFile(f).metadata
+        column = meta.schema.to_arrow_schema().get_field_index(ROW_COLUMN)
+        for group in range(meta.num_row_groups):
+            rg = meta.row_group(group)
+            if rg.num_rows:
+                st = rg.column(column).statistics
+                entries.append((int(st.min), int(st.max), file.rsplit("/", 1)[-1], group, rg.num_rows))
+    entries.sort()
+    for (_, last, *_), (nxt, *_) in zip(entries, entries[1:]):
+        if nxt <= last:
+            raise RuntimeError(f"precompute cache under {path} holds overlapping row ranges; delete it and rebuild")
+    return {"first": [e[0] for e in entries], "file": [e[2] for e in entries], "group": [e[3] for e in entries],
+            "rows": [e[4] for e in entries]}
 
 
 def _parquet_files(fs: pafs.FileSystem, path: str) -> list[str]:

@@ -1,25 +1,28 @@
-"""Dataset sources → one Ray dataset shape: ``image`` (struct {bytes, path}), caption, ``_file``.
+"""Dataset sources → one row shape: ``image`` (struct {bytes, path}), caption, ``_file``.
 
 Formats: HF-style parquet (file, directory or glob; image as a struct or a binary column), image folders with a
 ``metadata.jsonl`` / ``metadata.csv`` (``file_name`` + caption column), WebDataset tar shards (image + ``.txt`` or
 ``.json`` caption). Local paths and s3:// / gs:// URIs all go through a pyarrow filesystem that is handed to Ray
 explicitly (see ``raydiff.storage.filesystem``).
 
-Image-folder rows carry only the image's path; its bytes are read by the preprocessing actors, so listing and the
-val-split pass never download images and a missing file is a counted, skippable row like any other bad image.
+Image-folder rows carry only the image's path; its bytes are read by the preprocessing tasks, so start-up never
+downloads images and a missing file is a counted, skippable row like any other bad image.
 """
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import json
 import posixpath
+import re
+import tarfile
 from dataclasses import dataclass
 from typing import Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import ray
 
 from raydiff import storage
@@ -71,8 +74,10 @@ def detect_format(files: list[str]) -> str:
     raise ValueError(f"cannot tell the format of {files[:3]}...: set data.format to one of {list(FORMATS)}")
 
 
-def resolve(source: str, fmt: str | None = None) -> Source:
+def resolve(source: str, fmt: str | None = None, filesystem: pafs.FileSystem | None = None) -> Source:
+    """The source's files and format; ``filesystem`` replaces the one its URI names (same paths inside)."""
     fs, path = storage.filesystem(source)
+    fs = filesystem or fs
     files = _list_files(fs, path)
     fmt = fmt or detect_format(files)
     if fmt not in FORMATS:
@@ -84,39 +89,11 @@ def resolve(source: str, fmt: str | None = None) -> Source:
     return Source(fs, picked, fmt)
 
 
-@contextlib.contextmanager
-def _parquet_v1() -> Iterator[None]:
-    """Use Ray's V1 parquet reader, local or remote.
-
-    Ray Data 2.60's default (V2) reader starts 32 footer-reading actors for every pass over the data; here that
-    costs seconds and GBs of worker RAM per epoch. V1 reads the footers of the (already listed) files on the
-    driver instead, which suits datasets of up to thousands of files. The flag is restored after the lazy read.
-    """
-    ctx = ray.data.DataContext.get_current()
-    if not hasattr(ctx, "use_datasource_v2"):
-        yield
-        return
-    previous = ctx.use_datasource_v2
-    ctx.use_datasource_v2 = False
-    try:
-        yield
-    finally:
-        ctx.use_datasource_v2 = previous
-
-
 def _check_columns(ds: ray.data.Dataset, wanted: list[str], what: str) -> None:
     names = ds.schema().names
     missing = [c for c in wanted if c not in names]
     if missing:
         raise KeyError(f"column(s) {missing} not in {what}; available: {names}")
-
-
-def read_parquet(src: Source, image_column: str, caption_column: str) -> ray.data.Dataset:
-    with _parquet_v1():
-        ds = ray.data.read_parquet(src.files, filesystem=src.filesystem, include_paths=True)
-    _check_columns(ds, [image_column, caption_column], f"parquet files {src.files[:3]}")
-    # include_paths adds "path" unless the data already has one; either way it only labels rows in messages.
-    return ds.select_columns([image_column, caption_column, "path"]).rename_columns({"path": FILE_COLUMN})
 
 
 def _folder_rows(batch: pa.Table, *, image_column: str, caption_column: str) -> pa.Table:
@@ -159,11 +136,10 @@ def _wds_caption(sample: dict, caption_column: str) -> str | None:
     return None
 
 
-def _wds_rows(batch, *, image_column: str, caption_column: str) -> pa.Table:
-    """Grouped tar members (one column per extension) → image struct, caption, file label."""
+def _wds_rows(samples: list[dict], image_column: str, caption_column: str) -> pa.Table:
+    """Samples (member bytes by extension, ``__key__``, ``__url__``) → image struct, caption, file label."""
     images, captions, files = [], [], []
-    for sample in batch.to_dict("records"):
-        sample = {k: v for k, v in sample.items() if isinstance(v, (bytes, str))}
+    for sample in samples:
         data = next((sample[e] for e in IMAGE_EXTENSIONS if isinstance(sample.get(e), bytes)), None)
         label = f"{sample.get('__url__')}#{sample.get('__key__')}"
         images.append({"bytes": data, "path": label})
@@ -174,17 +150,109 @@ def _wds_rows(batch, *, image_column: str, caption_column: str) -> pa.Table:
                      FILE_COLUMN: pa.array(files, type=pa.string())})
 
 
-def read_webdataset(src: Source, image_column: str, caption_column: str) -> ray.data.Dataset:
-    # decoder=None keeps raw member bytes: decoding is the preprocessor's job (and where bad images are counted).
-    ds = ray.data.read_webdataset(src.files, filesystem=src.filesystem, decoder=None)
-    # batch_size=None: one block at a time, so shards with different member extensions are never concatenated.
-    return ds.map_batches(_wds_rows, batch_format="pandas", batch_size=None,
-                          fn_kwargs={"image_column": image_column, "caption_column": caption_column})
+# ---------------------------------------------------------------- units: what a read task reads whole
+#
+# A unit is the smallest piece of the source a reader can fetch on its own: a parquet row group, a WebDataset tar
+# shard, or a row group of an image folder's listing (its metadata files re-laid out once, see ``write_listing``).
+# Start-up learns each unit's row count from metadata only (footers, tar headers); the stream then reads every
+# unit once per epoch in total (raydiff.data.stream).
+
+LISTING_ROWS = 4096  # rows per row group of an image folder's listing: its read unit
 
 
-READERS = {"parquet": read_parquet, "imagefolder": read_imagefolder, "webdataset": read_webdataset}
+def parquet_units(fs: pafs.FileSystem, path: str) -> list[int]:
+    """Rows per row group, from the footer."""
+    with fs.open_input_file(path) as f:
+        meta = pq.ParquetFile(f).metadata
+        return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
 
 
-def read(source: str, fmt: str | None, image_column: str, caption_column: str) -> tuple[ray.data.Dataset, Source]:
-    src = resolve(source, fmt)
-    return READERS[src.format](src, image_column, caption_column), src
+def parquet_columns(fs: pafs.FileSystem, path: str) -> list[str]:
+    with fs.open_input_file(path) as f:
+        return pq.ParquetFile(f).schema_arrow.names
+
+
+_WDS_KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # WebDataset's sample key: the name up to its first dot
+
+
+def _tar_members(fileobj) -> Iterator[tuple[str, str, tarfile.TarInfo, tarfile.TarFile]]:
+    """(key, extension, member, tar) of each file member, in archive order."""
+    with tarfile.open(fileobj=fileobj, mode="r:") as tar:
+        for info in tar:
+            match = _WDS_KEY.match(info.name) if info.isfile() else None
+            if match:
+                yield match.group(1), match.group(2).lower(), info, tar
+
+
+def tar_samples(fs: pafs.FileSystem, path: str) -> int:
+    """Samples in a tar shard, from its headers: a seekable read skips over every member's data."""
+    with fs.open_input_file(path) as f:
+        keys = [key for key, *_ in _tar_members(f)]
+    return sum(1 for i, k in enumerate(keys) if i == 0 or k != keys[i - 1])
+
+
+def _read_tar(fs: pafs.FileSystem, path: str, rows: list[int], image_column: str,
+              caption_column: str) -> pa.Table:
+    """Samples ``rows`` (indexes in archive order) of one shard; members of other samples are skipped unread."""
+    wanted = set(rows)
+    samples: dict[int, dict] = {}
+    index, last = -1, None
+    with fs.open_input_file(path) as f:
+        for key, ext, info, tar in _tar_members(f):
+            if key != last:
+                index, last = index + 1, key
+            if index in wanted:
+                sample = samples.setdefault(index, {"__key__": key, "__url__": path})
+                sample[ext] = tar.extractfile(info).read()
+    return _wds_rows([samples.get(r, {"__url__": path}) for r in rows], image_column, caption_column)
+
+
+def _read_parquet_rows(fs: pafs.FileSystem, path: str, group: int, rows: list[int], image_column: str,
+                       caption_column: str) -> pa.Table:
+    with fs.open_input_file(path) as f:
+        table = pq.ParquetFile(f).read_row_group(group, columns=[image_column, caption_column])
+    table = table.take(pa.array(rows, type=pa.int64()))
+    return table.append_column(FILE_COLUMN, pa.array([path] * len(rows), type=pa.string()))
+
+
+def read_unit_rows(fs: pafs.FileSystem, fmt: str, path: str, part: int, rows: list[int], image_column: str,
+                   caption_column: str) -> pa.Table:
+    """Rows ``rows`` of one unit as (image, caption, ``_file``); only that unit's bytes are read."""
+    if fmt == "webdataset":
+        return _read_tar(fs, path, rows, image_column, caption_column)
+    if fmt == "imagefolder":  # the listing: its rows already hold (image struct with a path, caption, _file)
+        with fs.open_input_file(path) as f:
+            return pq.ParquetFile(f).read_row_group(part).take(pa.array(rows, type=pa.int64()))
+    table = _read_parquet_rows(fs, path, part, rows, image_column, caption_column)
+    return table.set_column(0, image_column, _as_image_struct(table[image_column]))
+
+
+def _as_image_struct(column: pa.ChunkedArray) -> pa.Array:
+    """An HF image struct, a binary column or a path column → struct {bytes, path}, so units concatenate."""
+    arr = column.combine_chunks()
+    if pa.types.is_struct(arr.type):
+        names = {arr.type.field(i).name for i in range(arr.type.num_fields)}
+        data = pc.struct_field(arr, "bytes") if "bytes" in names else pa.nulls(len(arr), pa.binary())
+        path = pc.struct_field(arr, "path") if "path" in names else pa.nulls(len(arr), pa.string())
+    elif pa.types.is_binary(arr.type) or pa.types.is_large_binary(arr.type):
+        data, path = arr, pa.nulls(len(arr), pa.string())
+    elif pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
+        data, path = pa.nulls(len(arr), pa.binary()), arr
+    else:
+        raise TypeError(f"unsupported image column type {arr.type} (want struct<bytes, path>, binary or string)")
+    return pa.StructArray.from_arrays([data.cast(pa.binary()), path.cast(pa.string())], fields=list(IMAGE_TYPE))
+
+
+def write_listing(src: Source, image_column: str, caption_column: str, out_dir: str) -> list[str]:
+    """An image folder's metadata files re-laid out once as parquet (image path, caption, metadata file) in row
+    groups of LISTING_ROWS: a read task then reads its rows' listing group and their images, never a whole
+    metadata file. Streams through the driver in batches; returns the listing files (paths in ``out_fs``)."""
+    out_fs, out_path = storage.filesystem(out_dir)
+    out_fs.create_dir(out_path, recursive=True)
+    target = f"{out_path}/listing.parquet"
+    ds = read_imagefolder(src, image_column, caption_column)
+    schema = pa.schema([(image_column, IMAGE_TYPE), (caption_column, pa.string()), (FILE_COLUMN, pa.string())])
+    with out_fs.open_output_stream(target) as f, pq.ParquetWriter(f, schema) as writer:
+        for batch in ds.iter_batches(batch_size=LISTING_ROWS, batch_format="pyarrow"):
+            writer.write_table(batch.select(schema.names).cast(schema), row_group_size=LISTING_ROWS)
+    return [target]

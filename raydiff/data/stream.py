@@ -1,14 +1,23 @@
 """The training sample stream: which sample each worker trains on at each micro-step, as a pure function of the
-seed, the data and a resume position — so a resumed run reads exactly the samples an unbroken run would have read.
+seed, the source's units and a resume position — so a resumed run reads exactly the samples an unbroken run would
+have read, and each epoch reads every unit of the source once in total across workers.
 
-Epoch ``e`` is a seeded permutation of the N training samples; epochs follow one another into one stream of
-positions ``s = e·N + i``. A *segment* (one launch of a run, or a restart after a failure) starts at stream position
-``start`` with W workers of B rows per micro-step: micro-step m covers ``[start + m·W·B, start + (m+1)·W·B)`` and
-rank r takes the B positions ``start + m·W·B + r·B + b``; its local row j is micro-step ``j // B``, slot ``j % B``.
-So every epoch is exactly-once across workers (no row dropped, none repeated) and a batch may straddle two epochs.
+Positions. Epochs follow one another into one stream of positions ``s = e·N + i`` (N training rows). A *segment*
+(one launch of a run, or a restart on another layout) starts at stream position ``start`` with W workers of B rows
+per micro-step: micro-step m covers ``[start + m·W·B, start + (m+1)·W·B)`` and rank r takes the B positions
+``start + m·W·B + r·B + b``; its local row j is micro-step ``j // B``, slot ``j % B``. So every epoch is exactly-once
+across workers (no row dropped, none repeated) and a batch may straddle two epochs.
 
-A sample is identified by a 63-bit digest of its image (bytes, or path for image folders) and caption, not of where
-it is stored. Identical rows (same image and caption) are interchangeable: each keeps its own place in the stream.
+Which row a position holds (the shuffle, after MosaicML streaming's shard-then-window shuffles). Epoch e orders the
+source's read units (parquet row groups, tar shards, listing groups) by a seeded permutation; their training rows,
+unit after unit, form the epoch's sequence. Rank r's positions in the epoch take one contiguous span of that
+sequence — so a unit is read by one worker, or two when a span boundary cuts it — and the span is shuffled in
+windows of whole units holding at least ``window`` rows. Order is thus random at the unit level across the epoch
+and at the row level within a window; every epoch draws both afresh.
+
+A restart on another layout mid-epoch hands the rest of that epoch (the rows the earlier segment's ranks had not
+reached, in their order) to the new ranks in contiguous spans; later epochs are planned for the new layout. For
+that one epoch each worker computes the whole remainder (8 bytes a row); otherwise a worker holds its share only.
 
 A row that fails preprocessing (skipped, counted) is replaced by the worker's next row of the stream, so batches
 stay full; the worker records how many local rows it has consumed, and a restart continues from there.
@@ -17,42 +26,39 @@ stay full; the worker records how many local rows it has consumed, and a restart
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
-import pyarrow as pa
 
 ORDER_COLUMN = "_order"  # the row's local index j in its worker's stream
-UID_COLUMN = "_uid"
+ROW_COLUMN = "_row"  # the row's global index in the source (raydiff.data.manifest): its identity
+EPOCH_COLUMN = "_epoch"  # the epoch the row is read for: seeds its crop, flip and caption dropout
+SHUFFLE_WINDOW = 2048  # rows shuffled together within a worker's span (whole units, at least this many rows)
 
 
-# ---------------------------------------------------------------- identity and order (pure)
-
-
-def sample_uid(image: bytes | None, path: str | None, caption: Any) -> int:
-    """A 63-bit identity of a row from its content only, so the order survives moving the data elsewhere."""
-    h = hashlib.blake2b(digest_size=8)
-    h.update(image if image else (path or "").encode("utf-8"))
-    h.update(b"\0" + repr(caption).encode("utf-8"))
-    return int.from_bytes(h.digest(), "little") >> 1
-
-
-def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
-    """The order in which epoch ``epoch`` visits the N samples: fresh per epoch, fixed by the seed."""
-    return np.random.default_rng(np.random.SeedSequence([int(seed), int(epoch), 0x57AE])).permutation(n)
+# ---------------------------------------------------------------- positions (pure)
 
 
 @dataclass
 class StreamPosition:
-    """Where a run is in the stream: its segment's start, layout (W, B), and rows consumed by each rank."""
+    """Where a run is in the stream: its segment's start, layout (W, B), and rows consumed by each rank.
+
+    ``emitted``: per rank, rows at or after ``consumed`` already trained on (aspect-ratio buckets hand rows out
+    out of order; a restart re-reads from ``consumed`` and skips these). ``history``: the earlier segments
+    ``[start, world, batch]``, which decide what the first epoch of this one still holds."""
 
     start: int = 0
     world: int = 0  # 0: no segment yet
     batch: int = 0
     consumed: list[int] = dataclasses.field(default_factory=list)
+    emitted: list[list[int]] = dataclasses.field(default_factory=list)
+    history: list[list[int]] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.emitted:
+            self.emitted = [[] for _ in self.consumed]
 
     def continue_with(self, world: int, batch: int) -> StreamPosition:
         """The segment a relaunch on (world, batch) continues with. The same layout resumes every rank at its own
@@ -61,15 +67,22 @@ class StreamPosition:
         if self.world == 0:
             return StreamPosition(0, world, batch, [0] * world)
         if (world, batch) == (self.world, self.batch):
-            return StreamPosition(self.start, world, batch, list(self.consumed))
-        micro_steps = max(math.ceil(c / self.batch) for c in self.consumed)
-        return StreamPosition(self.start + micro_steps * self.world * self.batch, world, batch, [0] * world)
+            return dataclasses.replace(self, consumed=list(self.consumed), emitted=[list(e) for e in self.emitted])
+        return StreamPosition(self.start + self._micro_steps() * self.world * self.batch, world, batch, [0] * world,
+                              history=[*self.history, [self.start, self.world, self.batch]])
+
+    def _micro_steps(self) -> int:
+        reached = [max([c, *(e + 1 for e in em)]) for c, em in zip(self.consumed, self.emitted)]
+        return max(math.ceil(r / self.batch) for r in reached)
 
     def samples_consumed(self) -> int:
         """Stream positions behind this segment's furthest rank (= samples trained, without bad rows)."""
         if not self.consumed:
             return self.start
-        return self.start + max(math.ceil(c / self.batch) for c in self.consumed) * self.world * self.batch
+        return self.start + self._micro_steps() * self.world * self.batch
+
+    def segments(self) -> list[tuple[int, int, int]]:
+        return [tuple(h) for h in self.history] + [(self.start, self.world, self.batch)]
 
 
 def stream_position(start: int, world: int, batch: int, rank: int, j: np.ndarray | int) -> np.ndarray | int:
@@ -89,80 +102,163 @@ def first_row_at_or_after(start: int, world: int, batch: int, rank: int, positio
     return (micro + 1) * batch
 
 
+def epoch_of(num_rows: int, pos: StreamPosition, rank: int, j: int) -> int:
+    return int(stream_position(pos.start, pos.world, pos.batch, rank, j)) // num_rows
+
+
+# ---------------------------------------------------------------- the shuffle (pure)
+
+
+def unit_order(num_units: int, seed: int, epoch: int) -> np.ndarray:
+    """The order in which epoch ``epoch`` visits the units: fresh per epoch, fixed by the seed."""
+    return np.random.default_rng(np.random.SeedSequence([int(seed), int(epoch), 0x57AE])).permutation(num_units)
+
+
+@dataclass(frozen=True)
+class Units:
+    """Training rows per unit, in listing order (``Manifest.unit_train_rows``): all the shuffle needs to know."""
+
+    rows: np.ndarray
+
+    @property
+    def start(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self.rows)]).astype(np.int64)
+
+    @property
+    def total(self) -> int:
+        return int(self.rows.sum())
+
+
+def sequence_span(units: Units, seed: int, epoch: int, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    """Training rows t at places [lo, hi) of epoch ``epoch``'s unit-ordered sequence, and the size of each unit's
+    piece of the span (so windows can be cut at unit boundaries)."""
+    order = unit_order(len(units.rows), seed, epoch)
+    counts = units.rows[order]
+    cum = np.concatenate([[0], np.cumsum(counts)])
+    k0, k1 = np.searchsorted(cum, lo, "right") - 1, np.searchsorted(cum, hi, "left")
+    if hi <= lo:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    ks = np.arange(k0, k1)
+    a = np.maximum(lo, cum[ks]) - cum[ks]  # piece of each unit, as offsets into its training rows
+    b = np.minimum(hi, cum[ks + 1]) - cum[ks]
+    sizes = (b - a).astype(np.int64)
+    firsts = units.start[order[ks]] + a
+    t = np.repeat(firsts - np.concatenate([[0], np.cumsum(sizes)[:-1]]), sizes) + np.arange(sizes.sum())
+    return t.astype(np.int64), sizes
+
+
+def windows(piece_sizes: np.ndarray, window: int) -> np.ndarray:
+    """Sizes of consecutive groups of whole pieces, each of at least ``window`` rows (but the last)."""
+    out, acc = [], 0
+    for n in piece_sizes:
+        acc += int(n)
+        if acc >= window:
+            out.append(acc)
+            acc = 0
+    if acc:
+        out.append(acc)
+    return np.asarray(out, dtype=np.int64)
+
+
+def shuffled_span(units: Units, seed: int, epoch: int, lo: int, hi: int, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """A rank's span of the epoch's sequence, each window of whole units shuffled: (training rows, window sizes)."""
+    t, pieces = sequence_span(units, seed, epoch, lo, hi)
+    sizes = windows(pieces, window)
+    out = t.copy()
+    begin = 0
+    for w, n in enumerate(sizes):
+        rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(epoch), int(lo), w, 0x5EED]))
+        out[begin:begin + n] = t[begin:begin + n][rng.permutation(n)]
+        begin += n
+    return out, sizes
+
+
 @dataclass(frozen=True)
 class EpochShare:
-    """Rank ``rank``'s rows of one epoch: uids (sorted) and the local row j each goes to."""
+    """Rank ``rank``'s rows of one epoch: training rows in local-row order from local row ``first``, cut into read
+    chunks of ``chunks`` rows (whole units where the plan allows)."""
 
     epoch: int
-    uids: np.ndarray  # uint64-in-int64, sorted
-    orders: np.ndarray  # int64, aligned with uids
-    first: int  # smallest j in this share
-    end: int  # one past the largest j
+    first: int
+    rows: np.ndarray  # training rows t, for local rows first, first + 1, ...
+    chunks: np.ndarray  # sizes, summing to len(rows)
+
+    @property
+    def end(self) -> int:
+        return self.first + len(self.rows)
+
+    def from_row(self, j: int) -> EpochShare:
+        skip = min(max(j - self.first, 0), len(self.rows))
+        if skip == 0:
+            return self
+        bounds = np.concatenate([[0], np.cumsum(self.chunks)])
+        kept = np.diff(np.clip(bounds, skip, None)) if len(self.chunks) else self.chunks
+        return EpochShare(self.epoch, self.first + skip, self.rows[skip:], kept[kept > 0])
 
 
-def epoch_share(uids_sorted: np.ndarray, seed: int, pos: StreamPosition, rank: int, epoch: int,
-                from_row: int) -> EpochShare:
-    """The rows rank ``rank`` reads in ``epoch``, from its local row ``from_row`` on."""
-    n = len(uids_sorted)
-    first = max(from_row, first_row_at_or_after(pos.start, pos.world, pos.batch, rank, epoch * n))
-    end = first_row_at_or_after(pos.start, pos.world, pos.batch, rank, (epoch + 1) * n)
-    j = np.arange(first, max(end, first), dtype=np.int64)
-    index = stream_position(pos.start, pos.world, pos.batch, rank, j) - epoch * n
-    uids = uids_sorted[epoch_permutation(n, seed, epoch)[index]]
-    by_uid = np.argsort(uids, kind="stable")
-    return EpochShare(epoch, uids[by_uid], j[by_uid], first, max(end, first))
+def epoch_share(units: Units, seed: int, pos: StreamPosition, rank: int, epoch: int,
+                window: int = SHUFFLE_WINDOW) -> EpochShare:
+    """The rows rank ``rank`` of the current segment trains on in ``epoch`` (every segment of the history that
+    covered part of this epoch decides which rows are left for this one)."""
+    n = units.total
+    lo_pos, hi_pos = epoch * n, (epoch + 1) * n
+    segments = pos.segments()
+    remainder = None  # None: the epoch's whole sequence (no earlier segment covered part of it)
+    for i, (start, world, batch) in enumerate(segments):
+        end = segments[i + 1][0] if i + 1 < len(segments) else None
+        if start >= hi_pos or (end is not None and end <= lo_pos):
+            continue
+        a = max(start, lo_pos)
+        rows_at = [first_row_at_or_after(start, world, batch, r, a) for r in range(world)]
+        counts = [first_row_at_or_after(start, world, batch, r, hi_pos) - rows_at[r] for r in range(world)]
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+        def span(r: int) -> tuple[np.ndarray, np.ndarray]:
+            if remainder is None:
+                return shuffled_span(units, seed, epoch, int(offsets[r]), int(offsets[r + 1]), window)
+            part = remainder[offsets[r]:offsets[r + 1]]
+            return part, windows(np.full(len(part), 1, np.int64), window)
+
+        if i == len(segments) - 1:
+            rows, chunks = span(rank)
+            return EpochShare(epoch, rows_at[rank], rows, chunks)
+        stop = min(end, hi_pos)
+        remainder = np.concatenate([span(r)[0][first_row_at_or_after(start, world, batch, r, stop) - rows_at[r]:]
+                                    for r in range(world)])
+    return EpochShare(epoch, 0, np.zeros(0, np.int64), np.zeros(0, np.int64))
 
 
-def epoch_of(uids_count: int, pos: StreamPosition, rank: int, j: int) -> int:
-    return int(stream_position(pos.start, pos.world, pos.batch, rank, j)) // uids_count
+# ---------------------------------------------------------------- batching on the training worker
 
 
-# ---------------------------------------------------------------- Ray Data stage and batching
+def rebatch(batches: Iterable[dict[str, np.ndarray]], batch_size: int, group_column: str | None = None,
+            skip: Iterable[int] = ()) -> Iterator[tuple[dict[str, np.ndarray], int, list[int]]]:
+    """Rows (ordered by ``_order``) → (batch of ``batch_size`` rows, resume row, rows emitted at or after it).
 
-
-def assign_rows(batch: pa.Table, *, image_column: str, caption_column: str, uids: np.ndarray,
-                orders: np.ndarray) -> pa.Table:
-    """Keep the rows of this worker's epoch share, one copy per place it has in the stream, with its ``_order``.
-
-    An identical row that occurs k times in the data arrives k times and matches k places: each arrival emits all k,
-    and the worker keeps one row per ``_order`` (identical rows, so which copy does not matter).
-    """
-    from raydiff.data.pipeline import image_parts
-
-    if UID_COLUMN in batch.column_names:  # precompute cache rows carry their identity
-        row_uids = batch[UID_COLUMN].to_numpy()
-    else:
-        data, paths = image_parts(batch[image_column])
-        captions = batch[caption_column].to_pylist()
-        row_uids = np.array([sample_uid(d, p, c) for d, p, c in zip(data, paths, captions)], dtype=np.int64)
-    lo, hi = np.searchsorted(uids, row_uids, "left"), np.searchsorted(uids, row_uids, "right")
-    take = np.repeat(np.arange(len(row_uids)), hi - lo)
-    order = np.concatenate([orders[a:b] for a, b in zip(lo, hi)]) if len(take) else np.zeros(0, np.int64)
-    return batch.take(pa.array(take, type=pa.int64())).append_column(ORDER_COLUMN, pa.array(order, type=pa.int64()))
-
-
-def rebatch(batches: Iterable[dict[str, np.ndarray]], batch_size: int,
-            group_column: str | None = None) -> Iterator[tuple[dict[str, np.ndarray], int]]:
-    """Rows (ordered by ``_order``, possibly repeated) → (batch of ``batch_size`` rows, rows consumed so far).
-
-    With ``group_column`` (aspect-ratio buckets) each batch holds one group; rows wait in a per-group buffer.
-    "Consumed" is one past the largest ``_order`` handed out, so a restart resumes after it.
+    With ``group_column`` (aspect-ratio buckets) each batch holds one group; rows wait in a per-group buffer. The
+    resume row is the first row not yet trained on (a row still waiting in a bucket, or one past the last row
+    handed out), so a restart re-reads the waiting rows and skips the ones listed as emitted. ``skip``: rows a
+    restarted stream has already trained on.
     """
     pending: dict[int, list[dict[str, np.ndarray]]] = {}
+    done = set(int(s) for s in skip)
     last_order = -1
-    consumed = 0
     for batch in batches:
         for i, order in enumerate(batch[ORDER_COLUMN]):
-            if order == last_order:  # a second copy of an identical row (they arrive next to each other)
-                continue
-            if order < last_order:
+            if order <= last_order:
                 raise RuntimeError(f"training stream out of order: row {order} after row {last_order}")
             last_order = int(order)
+            if last_order in done:
+                continue
             row = {c: batch[c][i] for c in batch}
             group = int(row[group_column]) if group_column else 0
             rows = pending.setdefault(group, [])
             rows.append(row)
             if len(rows) == batch_size:
                 del pending[group]
-                consumed = max(consumed, max(int(r[ORDER_COLUMN]) for r in rows) + 1)
-                yield {c: np.stack([r[c] for r in rows]) for c in rows[0] if c != ORDER_COLUMN}, consumed
+                done.update(int(r[ORDER_COLUMN]) for r in rows)
+                waiting = [int(r[ORDER_COLUMN]) for rs in pending.values() for r in rs]
+                resume = min(waiting) if waiting else max(done) + 1
+                done = {d for d in done if d >= resume}
+                yield ({c: np.stack([r[c] for r in rows]) for c in rows[0] if c != ORDER_COLUMN}, resume,
+                       sorted(done))

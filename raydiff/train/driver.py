@@ -98,7 +98,7 @@ def data_spec(cfg: Config, stats_actor: str | None = None):
                     val_fraction=d.val_fraction, val_max_samples=d.val_max_samples, seed=cfg.train.seed,
                     on_error=d.on_error, caption_dropout=d.caption_dropout, format=d.format,
                     max_aspect_ratio=d.max_aspect_ratio, stats_actor=stats_actor,
-                    buckets=tuple(parse_buckets(d.buckets, d.resolution)))
+                    buckets=tuple(parse_buckets(d.buckets, d.resolution)), shuffle_window=d.shuffle_window)
 
 
 def encoder_spec(cfg: Config):
@@ -111,7 +111,7 @@ def encoder_spec(cfg: Config):
                        concurrency=d.precompute_concurrency, num_gpus=d.precompute_num_gpus)
 
 
-def with_precompute(cfg: Config, spec, tokenizer_path: str, index):
+def with_precompute(cfg: Config, spec, tokenizer_path: str, manifest):
     """The data spec with its precompute: an encoder stage in every epoch stream, or a cache built (or found) now."""
     import dataclasses
 
@@ -122,7 +122,7 @@ def with_precompute(cfg: Config, spec, tokenizer_path: str, index):
     encoder = encoder_spec(cfg)
     if not cfg.data.cache_dir:
         return dataclasses.replace(spec, encoder=dataclasses.asdict(encoder))
-    return dataclasses.replace(spec, cache=ensure_cache(spec, encoder, tokenizer_path, index,
+    return dataclasses.replace(spec, cache=ensure_cache(spec, encoder, tokenizer_path, manifest,
                                                         resolve_dir(cfg.data.cache_dir)))
 
 
@@ -143,17 +143,18 @@ def build_trainer(cfg: Config, callbacks: list | None = None) -> TorchTrainer:
     import dataclasses
 
     from raydiff.data import stats
-    from raydiff.data.pipeline import index_source
 
-    stats_actor = stats.create()  # skipped-row counters shared by preprocessing tasks and training workers
+    # Skipped-row counters shared by preprocessing tasks and training workers; skipped rows go to the run dir.
+    stats_actor = stats.create(run_dir(cfg))
     spec = data_spec(cfg, stats_actor)
     tokenizer_path = models.resolve_pretrained(cfg.model.pretrained)
-    index = index_source(spec)  # the split, and the training samples every worker's seeded stream draws from
-    print(f"[raydiff] data: {cfg.data.source or 'generated demo dataset'}: {len(index.train_uids)} training rows, "
-          f"{index.num_val} validation rows", flush=True)
-    val = validation_dataset(spec, tokenizer_path, index, stats_actor)
-    spec = with_precompute(cfg, spec, tokenizer_path, index)
-    data = {"spec": dataclasses.asdict(spec), "tokenizer_path": tokenizer_path, "train_uids": index.train_uids}
+    manifest = run_manifest(spec, run_dir(cfg))  # units and held-out rows, from metadata; every worker plans from it
+    print(f"[raydiff] data: {cfg.data.source or 'generated demo dataset'} ({manifest.format}): "
+          f"{manifest.num_train} training rows, {manifest.num_val} validation rows, {len(manifest.unit_rows)} read "
+          "units", flush=True)
+    val = validation_dataset(spec, tokenizer_path, manifest, stats_actor)
+    spec = with_precompute(cfg, spec, tokenizer_path, manifest)
+    data = {"spec": dataclasses.asdict(spec), "tokenizer_path": tokenizer_path, "manifest": manifest}
     s = cfg.scaling
     # An explicit filesystem carries the endpoint and credentials to Ray Train's controller and workers.
     store_fs, store_path = storage.filesystem(storage_path(cfg)) if is_uri(storage_path(cfg)) else (None, storage_path(cfg))
@@ -179,13 +180,37 @@ def build_trainer(cfg: Config, callbacks: list | None = None) -> TorchTrainer:
     )
 
 
-def validation_dataset(spec, tokenizer_path: str, index, stats_actor: str):
+def run_manifest(spec, path: str):
+    """The source's manifest for this run: built at its first launch and kept in the run directory, so a relaunch
+    reads no footers again and trains on the very units it started on. A source whose files changed since is
+    refused, naming what changed: resuming would silently shift the stream."""
+    from raydiff.data import manifest as manifests
+    from raydiff.data import sources
+    from raydiff.data.pipeline import build_manifest
+
+    saved = storage.join(path, manifests.MANIFEST_FILE)
+    if not storage.exists(saved):
+        manifest = build_manifest(spec, workdir=storage.join(path, "data"))
+        storage.write_text(saved, manifest.to_json())
+        return manifest
+    src = sources.resolve(spec.source, spec.format)
+    unit_fs = storage.filesystem(path)[0] if src.format == "imagefolder" else src.filesystem
+    manifest = manifests.Manifest.from_json(storage.read_text(saved), src.filesystem, unit_fs)
+    now = manifests.file_stats(src.filesystem, src.files)
+    if manifests.fingerprint(now, src.format) != manifest.fingerprint:
+        raise RuntimeError(f"data.source {spec.source!r} changed since this run started: "
+                           f"{manifests.describe_change(manifest, now)}. Resuming would shift the training stream; "
+                           f"restore the files it started on, or start a new run (another run.name).")
+    return manifest
+
+
+def validation_dataset(spec, tokenizer_path: str, manifest, stats_actor: str):
     """The held-out split, preprocessed once here and kept in the object store (at most data.val_max_samples rows):
     every worker, and every worker group after a restart, reads these blocks instead of the source."""
     from raydiff.data import stats
     from raydiff.data.pipeline import build_datasets
 
-    val = build_datasets(spec, tokenizer_path, index=index)["val"].materialize()
+    val = build_datasets(spec, tokenizer_path, manifest=manifest)["val"].materialize()
     if val.count() == 0:  # no held-out row, or every one was skipped: say why before any worker starts
         raise stats.no_data_error(stats_actor, "validation")
     return val

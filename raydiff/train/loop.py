@@ -287,9 +287,10 @@ class Worker:
         if not with_checkpoint:
             ray.train.report(metrics)
             return
-        consumed = [None] * self.world  # every rank's data position goes into rank 0's trainer_state.json
-        dist.all_gather_object(consumed, self.stream.consumed[self.rank])
-        self.state.stream = dataclasses.asdict(dataclasses.replace(self.stream, consumed=consumed))
+        places = [None] * self.world  # every rank's data position goes into rank 0's trainer_state.json
+        dist.all_gather_object(places, (self.stream.consumed[self.rank], self.stream.emitted[self.rank]))
+        self.state.stream = dataclasses.asdict(dataclasses.replace(
+            self.stream, consumed=[c for c, _ in places], emitted=[list(e) for _, e in places]))
         tmp = tempfile.mkdtemp(prefix="raydiff-ckpt-")
         try:
             self.engine.save_checkpoint(tmp, tag=DS_TAG)
@@ -332,7 +333,8 @@ class Worker:
             if micro < cfg.train.grad_accum:
                 continue
             micro = 0
-            self.stream.consumed[self.rank] = consumed  # only rows of completed optimizer steps count as consumed
+            # Only rows of completed optimizer steps count as consumed.
+            self.stream.consumed[self.rank], self.stream.emitted[self.rank] = consumed
             self.update_ema()
             self.state.step += 1
             self.state.epoch = epoch
@@ -369,9 +371,11 @@ class Worker:
         from raydiff.data.pipeline import DataSpec, planned_batches
 
         d = self.data
-        for batch, consumed, epoch in planned_batches(DataSpec(**d["spec"]), d["tokenizer_path"], d["train_uids"],
-                                                      self.stream, self.rank, self.cfg.train.batch_size,
-                                                      self.cfg.train.prefetch_batches):
+        t = self.cfg.train
+        rows_needed = (t.max_steps - self.state.step) * t.grad_accum * t.batch_size  # one execution for the run
+        for batch, consumed, epoch in planned_batches(DataSpec(**d["spec"]), d["tokenizer_path"], d["manifest"],
+                                                      self.stream, self.rank, t.batch_size, t.prefetch_batches,
+                                                      rows_needed):
             yield {c: torch.from_numpy(np.ascontiguousarray(v)) for c, v in batch.items()}, consumed, epoch
 
     def step_metrics(self, mean_loss: torch.Tensor, window_start: float, window_steps: int, global_batch: int) -> dict:
