@@ -1,5 +1,6 @@
 """Training end to end on user data: a bucket on a real S3-API server (data, checkpoints, resume) and hostile rows."""
 
+import json
 import os
 
 import pyarrow as pa
@@ -38,13 +39,24 @@ def test_bucket_data_checkpoints_resume_and_skip_counts(ray_local, tmp_path, s3_
 
     first = run_training(cfg_for(f"{s3_bucket}/runs", f"{s3_bucket}/train"))
     assert first.metrics["step"] == 4 and first.checkpoint_path.startswith("raydiff-data/runs/bucket/")
-    assert first.metrics["data_skipped"] >= want["data_skipped"]  # cumulative, summed over preprocessing workers
+    # Distinct rows: each bad row counts once although the stream passed the end of the first epoch.
+    assert first.metrics["data_skipped"] == want["data_skipped"]
+    assert first.metrics["data_null_captions"] == want["data_null_captions"]
     second = run_training(cfg_for(f"{s3_bucket}/runs", f"{s3_bucket}/train", "train.max_steps=6"))
     assert second.metrics["step"] == 6
+    assert second.metrics["data_skipped"] == want["data_skipped"]  # the relaunch continues the distinct counts
     rows = read_metrics(second.metrics_path)  # read back from the bucket
     assert [r["step"] for r in rows] == list(range(0, 7)), "resumed from the bucket's checkpoint, not restarted"
     assert all("data_skipped" in r for r in rows if r["step"] > 0)
     assert storage.exists(f"{second.model_dir}/unet/config.json")
+    skipped = [json.loads(line) for line in storage.read_text(f"{s3_bucket}/runs/bucket/data_skipped.jsonl").splitlines()]
+    assert len(skipped) == want["data_skipped"] == len({r["row"] for r in skipped})  # each bad row once, with why
+    assert sorted(r["what"].split("image_path='")[1].split("'")[0] for r in skipped) == \
+        ["garbage.png", "panorama.png", "truncated.png"]
+    # The source changed under the run: a relaunch names what changed instead of silently shifting the stream.
+    storage.write_bytes(f"{s3_bucket}/train/more.parquet", open(os.path.join(data, "hostile.parquet"), "rb").read())
+    with pytest.raises(RuntimeError, match=r"changed since this run started: 1 file\(s\) added \(more.parquet\)"):
+        run_training(cfg_for(f"{s3_bucket}/runs", f"{s3_bucket}/train", "train.max_steps=8"))
 
 
 def test_every_row_bad_stops_with_a_clear_error(ray_local, tmp_path):

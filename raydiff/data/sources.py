@@ -23,7 +23,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-import ray
 
 from raydiff import storage
 
@@ -89,37 +88,31 @@ def resolve(source: str, fmt: str | None = None, filesystem: pafs.FileSystem | N
     return Source(fs, picked, fmt)
 
 
-def _check_columns(ds: ray.data.Dataset, wanted: list[str], what: str) -> None:
-    names = ds.schema().names
-    missing = [c for c in wanted if c not in names]
-    if missing:
-        raise KeyError(f"column(s) {missing} not in {what}; available: {names}")
-
-
-def _folder_rows(batch: pa.Table, *, image_column: str, caption_column: str) -> pa.Table:
+def _folder_rows(batch: pa.Table | pa.RecordBatch, meta: str, image_column: str, caption_column: str) -> pa.Table:
     """Metadata rows → image structs holding the path (next to the metadata file) and no bytes yet."""
-    names = batch["file_name"].to_pylist()
-    meta = batch["path"].to_pylist()
-    paths = [posixpath.join(posixpath.dirname(m), n) if n else None for m, n in zip(meta, names)]
-    caption = batch[caption_column] if caption_column in batch.column_names else pa.nulls(len(batch), pa.string())
+    if "file_name" not in batch.schema.names:
+        raise KeyError(f"column 'file_name' not in image-folder metadata {meta}; available: {batch.schema.names}")
+    names = batch.column("file_name").to_pylist()
+    paths = [posixpath.join(posixpath.dirname(meta), str(n)) if n else None for n in names]
+    caption = batch.column(caption_column) if caption_column in batch.schema.names else pa.nulls(len(batch), pa.string())
     return pa.table({
         image_column: pa.array([{"bytes": None, "path": p} for p in paths], type=IMAGE_TYPE),
         caption_column: caption.cast(pa.string()),
-        FILE_COLUMN: pa.array(meta, type=pa.string()),
+        FILE_COLUMN: pa.array([meta] * len(batch), type=pa.string()),
     })
 
 
-def read_imagefolder(src: Source, image_column: str, caption_column: str) -> ray.data.Dataset:
-    parts = []
-    for ext, reader in (("metadata.jsonl", ray.data.read_json), ("metadata.csv", ray.data.read_csv)):
-        files = [f for f in src.files if f.lower().endswith(ext)]
-        if files:
-            ds = reader(files, filesystem=src.filesystem, include_paths=True)
-            _check_columns(ds, ["file_name"], f"{ext} files {files[:3]}")
-            parts.append(ds)
-    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    return ds.map_batches(_folder_rows, batch_format="pyarrow", batch_size=None,
-                          fn_kwargs={"image_column": image_column, "caption_column": caption_column})
+def _metadata_batches(fs: pafs.FileSystem, path: str) -> Iterator[pa.RecordBatch]:
+    """A metadata.jsonl / metadata.csv file in record batches, streamed (never whole in memory)."""
+    import pyarrow.csv as pcsv
+    import pyarrow.json as pjson
+
+    with fs.open_input_stream(path) as f:
+        if path.lower().endswith(".csv"):
+            reader = pcsv.open_csv(f, convert_options=pcsv.ConvertOptions(column_types={"file_name": pa.string()}))
+        else:
+            reader = pjson.open_json(f)
+        yield from reader
 
 
 def _wds_caption(sample: dict, caption_column: str) -> str | None:
@@ -207,10 +200,23 @@ def _read_tar(fs: pafs.FileSystem, path: str, rows: list[int], image_column: str
     return _wds_rows([samples.get(r, {"__url__": path}) for r in rows], image_column, caption_column)
 
 
+_FOOTERS: dict[tuple[str, str], pq.FileMetaData] = {}  # this process's parquet footers: read once per file
+
+
+def _row_group(fs: pafs.FileSystem, path: str, group: int, columns: list[str] | None = None) -> pa.Table:
+    """One row group; the file's footer is read once per process, not once per read task."""
+    key = (fs.type_name, path)
+    with fs.open_input_file(path) as f:
+        reader = pq.ParquetFile(f, metadata=_FOOTERS.get(key))
+        if len(_FOOTERS) > 4096:  # a long run over many files: forget the oldest
+            _FOOTERS.pop(next(iter(_FOOTERS)))
+        _FOOTERS[key] = reader.metadata
+        return reader.read_row_group(group, columns=columns)
+
+
 def _read_parquet_rows(fs: pafs.FileSystem, path: str, group: int, rows: list[int], image_column: str,
                        caption_column: str) -> pa.Table:
-    with fs.open_input_file(path) as f:
-        table = pq.ParquetFile(f).read_row_group(group, columns=[image_column, caption_column])
+    table = _row_group(fs, path, group, [image_column, caption_column])
     table = table.take(pa.array(rows, type=pa.int64()))
     return table.append_column(FILE_COLUMN, pa.array([path] * len(rows), type=pa.string()))
 
@@ -221,8 +227,7 @@ def read_unit_rows(fs: pafs.FileSystem, fmt: str, path: str, part: int, rows: li
     if fmt == "webdataset":
         return _read_tar(fs, path, rows, image_column, caption_column)
     if fmt == "imagefolder":  # the listing: its rows already hold (image struct with a path, caption, _file)
-        with fs.open_input_file(path) as f:
-            return pq.ParquetFile(f).read_row_group(part).take(pa.array(rows, type=pa.int64()))
+        return _row_group(fs, path, part).take(pa.array(rows, type=pa.int64()))
     table = _read_parquet_rows(fs, path, part, rows, image_column, caption_column)
     return table.set_column(0, image_column, _as_image_struct(table[image_column]))
 
@@ -246,13 +251,21 @@ def _as_image_struct(column: pa.ChunkedArray) -> pa.Array:
 def write_listing(src: Source, image_column: str, caption_column: str, out_dir: str) -> list[str]:
     """An image folder's metadata files re-laid out once as parquet (image path, caption, metadata file) in row
     groups of LISTING_ROWS: a read task then reads its rows' listing group and their images, never a whole
-    metadata file. Streams through the driver in batches; returns the listing files (paths in ``out_fs``)."""
+    metadata file. Streamed file by file through this process; returns the listing file (a path in ``out_dir``'s
+    filesystem)."""
     out_fs, out_path = storage.filesystem(out_dir)
     out_fs.create_dir(out_path, recursive=True)
     target = f"{out_path}/listing.parquet"
-    ds = read_imagefolder(src, image_column, caption_column)
     schema = pa.schema([(image_column, IMAGE_TYPE), (caption_column, pa.string()), (FILE_COLUMN, pa.string())])
     with out_fs.open_output_stream(target) as f, pq.ParquetWriter(f, schema) as writer:
-        for batch in ds.iter_batches(batch_size=LISTING_ROWS, batch_format="pyarrow"):
-            writer.write_table(batch.select(schema.names).cast(schema), row_group_size=LISTING_ROWS)
+        pending: list[pa.Table] = []
+        for meta in src.files:
+            for batch in _metadata_batches(src.filesystem, meta):
+                pending.append(_folder_rows(batch, meta, image_column, caption_column).cast(schema))
+                if sum(len(t) for t in pending) >= LISTING_ROWS:
+                    table = pa.concat_tables(pending)
+                    writer.write_table(table, row_group_size=LISTING_ROWS)
+                    pending = []
+        if pending:
+            writer.write_table(pa.concat_tables(pending), row_group_size=LISTING_ROWS)
     return [target]

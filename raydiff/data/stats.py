@@ -5,15 +5,19 @@ preprocessors add to it (at most once per batch, and only when there is somethin
 add so a count is in before its batch is handed on), training workers read it when they report metrics.
 
 A counter counts **distinct rows** (their global row in the source, raydiff.data.manifest): a bad row met again in
-a later epoch counts once. Each skipped row is written once, with its reason, to ``<run>/data_skipped.jsonl``.
+a later epoch, or after a relaunch, counts once. Each skipped row is written once, with its reason, to
+``<run>/data_skipped.jsonl``.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import uuid
 
+import numpy as np
+import pyarrow.fs as pafs
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -22,16 +26,25 @@ logger = logging.getLogger(__name__)
 NAMESPACE = "raydiff"
 COUNTERS = ("data_skipped", "data_upscaled", "data_null_captions")
 MAX_EXAMPLES = 5  # first skipped rows kept (and printed) with their reason
-SKIPPED_LOG = "data_skipped.jsonl"
+SKIPPED_LOG = "data_skipped.jsonl"  # in the run directory: one line per skipped row, with its reason
+STATE_FILE = "data_stats.npz"  # in the run directory: the counted rows, for a relaunch
 
 
 @ray.remote(num_cpus=0)
 class DataStats:
-    def __init__(self, skipped_log: str | None = None) -> None:
-        self.rows: dict[str, set[int]] = {k: set() for k in COUNTERS}
-        self.unplaced = dict.fromkeys(COUNTERS, 0)  # counts without a row (a cache build's, read from its manifest)
+    """Counted rows as one bit per source row (1.25 MB per counter at 10 M rows), saved to the run directory when
+    they change, so a relaunched run goes on counting distinct rows instead of starting over."""
+
+    def __init__(self, num_rows: int = 0, run_dir: tuple | None = None) -> None:
+        """``run_dir``: (pyarrow filesystem, path), resolved by the driver: its endpoint and credentials travel
+        pickled (this actor's process may never have seen the AWS_* variables)."""
+        self.bits = {k: np.zeros((num_rows + 7) // 8, np.uint8) for k in COUNTERS}
+        self.unplaced = dict.fromkeys(COUNTERS, 0)  # counts without a row (a cache build's, from its manifest)
         self.examples: list[str] = []
-        self.skipped_log, self.skipped, self.unsaved = skipped_log, [], False
+        self.skipped: list[dict] = []
+        self.run_dir, self.unsaved = run_dir, False
+        if run_dir:
+            self._load()
 
     def add(self, counts: dict[str, list[int] | int], skipped: list[dict]) -> None:
         """``counts``: the rows counted per counter (row -1: place unknown, counted as new), or a plain number."""
@@ -39,45 +52,71 @@ class DataStats:
             if isinstance(v, int):
                 self.unplaced[k] = self.unplaced.get(k, 0) + v
                 continue
-            placed = [int(r) for r in v if r >= 0]
-            self.unplaced[k] = self.unplaced.get(k, 0) + len(v) - len(placed)
-            self.rows.setdefault(k, set()).update(placed)
-        logged = {r["row"] for r in self.skipped if r["row"] >= 0}
+            rows = np.asarray(v, dtype=np.int64)
+            placed = rows[(rows >= 0) & (rows < len(self.bits[k]) * 8)]
+            self.unplaced[k] += len(rows) - len(placed)
+            np.bitwise_or.at(self.bits[k], placed >> 3, (1 << (placed & 7)).astype(np.uint8))
+            self.unsaved = True
+        logged = {r["row"] for r in self.skipped}
         for record in skipped:
             if record["row"] >= 0 and record["row"] in logged:
                 continue
             logged.add(record["row"])
             self.skipped.append(record)
-            self.unsaved = True
             if len(self.examples) < MAX_EXAMPLES:
                 self.examples.append(f"{record['what']}: {record['reason']}")
                 print(f"[raydiff] data: skipped {self.examples[-1]}", flush=True)  # reaches the driver log
 
     def snapshot(self) -> dict:
-        if self.unsaved and self.skipped_log:
-            from raydiff import storage
-
-            storage.write_text(self.skipped_log, "".join(json.dumps(r) + "\n" for r in self.skipped))
-            self.unsaved = False
-        counts = {k: len(self.rows.get(k, ())) + self.unplaced.get(k, 0) for k in COUNTERS}
+        if self.unsaved and self.run_dir:
+            self._save()
+        counts = {k: int(np.unpackbits(self.bits[k]).sum()) + self.unplaced[k] for k in COUNTERS}
         return {**counts, "examples": list(self.examples)}
+
+    def _save(self) -> None:
+        fs, root = self.run_dir
+        buf = io.BytesIO()
+        np.savez(buf, **self.bits, unplaced=np.array([self.unplaced[k] for k in COUNTERS]))
+        with fs.open_output_stream(f"{root}/{STATE_FILE}") as f:
+            f.write(buf.getvalue())
+        with fs.open_output_stream(f"{root}/{SKIPPED_LOG}") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in self.skipped).encode())
+        self.unsaved = False
+
+    def _load(self) -> None:
+        fs, root = self.run_dir
+        if fs.get_file_info(f"{root}/{STATE_FILE}").type == pafs.FileType.NotFound:
+            return
+        with fs.open_input_file(f"{root}/{STATE_FILE}") as f, np.load(io.BytesIO(f.read())) as z:
+            if all(z[k].shape == self.bits[k].shape for k in COUNTERS):
+                self.bits = {k: z[k].copy() for k in COUNTERS}
+                self.unplaced = dict(zip(COUNTERS, z["unplaced"].tolist()))
+        if fs.get_file_info(f"{root}/{SKIPPED_LOG}").type != pafs.FileType.NotFound:
+            with fs.open_input_stream(f"{root}/{SKIPPED_LOG}") as f:
+                self.skipped = [json.loads(line) for line in f.read().decode().splitlines() if line.strip()]
+            self.examples = [f"{r['what']}: {r['reason']}" for r in self.skipped[:MAX_EXAMPLES]]
 
 
 _HANDLES: dict = {}  # per process; in the creating process this also keeps the actor alive (Ray kills an
 # actor, named or not, once no handle to it is left)
 
 
-def create(run_dir: str | None = None) -> str:
-    """Start a fresh counter actor for one run and return its name (it lives as long as the driver). With
-    ``run_dir`` it writes the skipped rows to ``<run_dir>/data_skipped.jsonl``.
+def create(num_rows: int = 0, run_dir: str | None = None) -> str:
+    """Start a counter actor for one run of a source of ``num_rows`` rows and return its name (it lives as long as
+    the driver). With ``run_dir`` it keeps its counts there (a relaunch continues them) and writes the skipped
+    rows to ``<run_dir>/data_skipped.jsonl``.
 
     It is pinned to the driver's node: placed anywhere else, the loss of that node would leave a restarted run with
     a dead counter that every preprocessor and worker calls; if the driver's node goes, the run goes with it anyway."""
     name = f"data-stats-{uuid.uuid4().hex[:12]}"
+    where = None
+    if run_dir:
+        from raydiff import storage
+
+        where = storage.filesystem(run_dir)
     on_driver_node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    log = f"{run_dir.rstrip('/')}/{SKIPPED_LOG}" if run_dir else None
     _HANDLES[name] = DataStats.options(name=name, namespace=NAMESPACE,
-                                       scheduling_strategy=on_driver_node).remote(log)
+                                       scheduling_strategy=on_driver_node).remote(num_rows, where)
     return name
 
 

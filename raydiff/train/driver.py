@@ -144,11 +144,12 @@ def build_trainer(cfg: Config, callbacks: list | None = None) -> TorchTrainer:
 
     from raydiff.data import stats
 
-    # Skipped-row counters shared by preprocessing tasks and training workers; skipped rows go to the run dir.
-    stats_actor = stats.create(run_dir(cfg))
-    spec = data_spec(cfg, stats_actor)
+    spec = data_spec(cfg)
     tokenizer_path = models.resolve_pretrained(cfg.model.pretrained)
     manifest = run_manifest(spec, run_dir(cfg))  # units and held-out rows, from metadata; every worker plans from it
+    # Distinct-row counters shared by preprocessing tasks and training workers, kept in the run dir.
+    stats_actor = stats.create(manifest.num_rows, run_dir(cfg))
+    spec = dataclasses.replace(spec, stats_actor=stats_actor)
     print(f"[raydiff] data: {cfg.data.source or 'generated demo dataset'} ({manifest.format}): "
           f"{manifest.num_train} training rows, {manifest.num_val} validation rows, {len(manifest.unit_rows)} read "
           "units", flush=True)
