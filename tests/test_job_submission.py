@@ -27,7 +27,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(3600)]
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-STEPS, CKPT_EVERY = 20, 4  # long enough that the stop lands mid-run even when steps are fast
+STEPS, CKPT_EVERY = 60, 4  # long enough that the stop lands mid-run: a step takes ~0.1 s here, the stop ~3 s
 
 
 def free_ports(n: int) -> list[int]:

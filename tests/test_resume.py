@@ -32,13 +32,15 @@ STEPS = 4
 def overrides(storage, name: str, zero: int, *extra: str) -> list[str]:
     # 30 demo images, at most 2 held out: the 4 steps of 2 workers x 4 rows cross an epoch boundary. ZeRO-3 runs read
     # a latent cache (data.precompute), built once by the first of them: its unbroken run is also the suite's check
-    # that ZeRO-3 from a cache trains and exports (test_zero3_reference_run_...).
+    # that ZeRO-3 from a cache trains and exports (test_zero3_reference_run_...). ZeRO-2 runs train on aspect-ratio
+    # buckets, so their kills and relaunches also prove that rows waiting in a bucket at a checkpoint are not lost.
     latents = ["data.precompute=latents", f"data.cache_dir={os.path.join(os.environ['RAYDIFF_CACHE'], 'latents')}"]
+    buckets = ["data.buckets=[64x64,80x48,48x80]"]
     return [f"run.storage_path={storage}", f"run.name={name}", f"train.max_steps={STEPS}", f"deepspeed.zero_stage={zero}",
             "checkpoint.every_n_steps=2", "checkpoint.keep=2", "validation.every_n_steps=2",
             "validation.sample_steps=0", "validation.prompts=[]", "logging.sample_prompts=[]",
             "data.demo_num_images=30", "data.val_max_samples=2", "run.max_failures=1",
-            *(latents if zero == 3 else []), *extra]
+            *(latents if zero == 3 else buckets), *extra]
 
 
 def final_unet(run_dir) -> dict[str, torch.Tensor]:

@@ -74,7 +74,7 @@ class Worker:
         self.last_gamma = cfg.objective.gamma
         self.data_stats: str | None = None  # the run's data counter actor (raydiff.data.stats)
         self.data_counts: dict[str, int] = {}  # its counters as of the last report
-        self.data: dict = {}  # spec, tokenizer path and training-sample identities (driver.build_trainer)
+        self.data: dict = {}  # spec, tokenizer path and the source manifest (driver.build_trainer)
         self.stream = StreamPosition()
         self.checkpoint = None  # the ray.train.Checkpoint to resume from (find_checkpoint)
         self.universal = False  # it was written by another number of workers
