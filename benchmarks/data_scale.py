@@ -1,7 +1,7 @@
 """Data at cluster scale: bytes read per epoch ÷ the split's bytes, time to the first batch, the epoch-boundary step
 ÷ the median step, and peak memory, for W = 1, 2, 4 training-worker streams on a local multi-node Ray cluster.
 
-    python benchmarks/data_scale.py                       # 2 nodes, 1536 rows in 64 row groups, 2 epochs
+    python benchmarks/data_scale.py                       # 2 nodes, 768 rows in 32 row groups, 2 epochs
     python benchmarks/data_scale.py --rows 4096 --nodes 4 --json docs/scaling_raw.json
 
 Each of the W streams runs where a training worker would (an actor per rank, spread over the nodes) and iterates
@@ -10,7 +10,8 @@ read chunks, preprocessing (decode, crop, flip, both tokenizers) in Ray Data tas
 for ``--epochs`` epochs' worth of rows. Every byte of the source is read through ``raydiff.data.iostats``'s counting
 filesystem (any process, any node), so "read" is what the readers really fetched, start-up included: listing, parquet
 footers, then the epochs. The step time is the gap between consecutive batches on a rank with a simulated training
-step of ``--step-ms`` between them; the boundary step is the slowest batch that crosses into a new epoch.
+step of ``--step-ms`` between them (a step = that pause plus any wait for the batch); the boundary step is the
+slowest step whose batch is the first of a new epoch.
 """
 
 from __future__ import annotations
@@ -75,10 +76,10 @@ def stream_actor():
                 if first is None:
                     first = now - start
                 else:
-                    gaps.append(now - last)
+                    gaps.append(now - last)  # one step: the stand-in training step plus any wait for this batch
+                last = now
                 epochs.append(epoch)
                 time.sleep(step_s)  # the training step the data must keep up with
-                last = time.perf_counter()
                 taken += batch
                 if taken >= rows:
                     break
@@ -130,14 +131,14 @@ def measure(args, world: int, source: str, tokenizer: str, sink: str) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", type=int, default=1536)
-    p.add_argument("--groups", type=int, default=64, help="parquet row groups (the read units)")
+    p.add_argument("--rows", type=int, default=768)
+    p.add_argument("--groups", type=int, default=32, help="parquet row groups (the read units)")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--resolution", type=int, default=32)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--window", type=int, default=96, help="data.shuffle_window")
     p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--step-ms", type=float, default=20.0)
+    p.add_argument("--step-ms", type=float, default=200.0, help="the stand-in training step")
     p.add_argument("--nodes", type=int, default=2)
     p.add_argument("--worlds", default="1,2,4")
     p.add_argument("--json")
