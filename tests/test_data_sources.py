@@ -259,3 +259,21 @@ def test_every_row_bad_gives_a_clear_error():
 
     err = no_data_error(None, "train")
     assert "no samples" in str(err) and "data.source" in str(err)
+
+
+def test_rows_found_bad_are_not_read_again_and_keep_their_place(ray_local, tmp_path):
+    """Once a row is recorded as skipped, read tasks leave it out before decoding; the others keep their places."""
+    from raydiff.data.pipeline import build_manifest, read_chunk
+    from raydiff.data.stream import ORDER_COLUMN, ROW_COLUMN
+
+    manifest = build_manifest(_spec(_write_hostile(str(tmp_path / "h"))))
+    name = stats.create(manifest.num_rows)
+    chunk = pa.Table.from_pylist([{"epoch": 0, "first": 10, "rows": [3, 1, 7, 0]}])
+    assert read_chunk(chunk, manifest=manifest, stats_actor=name)[ROW_COLUMN].to_pylist() == [3, 1, 7, 0]
+    stats.record(name, {"data_skipped": [1, 0]}, [{"row": 1, "what": "garbage.png", "reason": "no image"},
+                                                  {"row": 0, "what": "truncated.png", "reason": "cut off"}])
+    again = read_chunk(chunk, manifest=manifest, stats_actor=name)
+    assert again[ROW_COLUMN].to_pylist() == [3, 7] and again[ORDER_COLUMN].to_pylist() == [10, 12]
+    assert stats.metrics(name)["data_skipped"] == 2
+    stats.record(name, {"data_skipped": [1]}, [{"row": 1, "what": "garbage.png", "reason": "no image"}])
+    assert stats.metrics(name)["data_skipped"] == 2  # distinct rows

@@ -175,11 +175,16 @@ def build_manifest(spec: DataSpec, workdir: str | None = None, filesystem: Any =
                            spec.val_max_samples, workdir, filesystem)
 
 
-def read_chunk(batch: pa.Table, *, manifest: Manifest) -> pa.Table:
+def read_chunk(batch: pa.Table, *, manifest: Manifest, stats_actor: str | None = None) -> pa.Table:
     """A Ray Data task: one read chunk ({epoch, first local row, global rows}) → its rows in stream order, each
-    with its local row, epoch and identity. Reads each unit the chunk touches once."""
+    with its local row, epoch and identity. Reads each unit the chunk touches once. Rows the run already found
+    unusable are left out here, before any decode: preprocessing would drop them, so the stream is the same."""
     (epoch,), (first,), (rows,) = (batch[c].to_pylist() for c in ("epoch", "first", "rows"))
     g = np.asarray(rows, dtype=np.int64)
+    orders = first + np.arange(len(g))
+    usable = ~np.isin(g, stats.known_skipped(stats_actor))
+    if usable.any():  # (a chunk of known-bad rows only is read as it is: an empty block would need a schema)
+        g, orders = g[usable], orders[usable]
     unit, row = manifest.locate(g)
     parts, places = [], []
     for u in np.unique(unit):
@@ -190,19 +195,20 @@ def read_chunk(batch: pa.Table, *, manifest: Manifest) -> pa.Table:
         places.append(at)
     table = pa.concat_tables(parts, promote_options="permissive") if len(parts) > 1 else parts[0]
     table = table.take(pa.array(np.argsort(np.concatenate(places), kind="stable"), type=pa.int64()))
-    return (table.append_column(ORDER_COLUMN, pa.array(first + np.arange(len(g)), type=pa.int64()))
+    return (table.append_column(ORDER_COLUMN, pa.array(orders, type=pa.int64()))
             .append_column(EPOCH_COLUMN, pa.array(np.full(len(g), epoch), type=pa.int64()))
             .append_column(ROW_COLUMN, pa.array(g, type=pa.int64())))
 
 
-def chunk_dataset(manifest: Manifest, chunks: list[dict]) -> ray.data.Dataset:
+def chunk_dataset(manifest: Manifest, chunks: list[dict], stats_actor: str | None = None) -> ray.data.Dataset:
     """Raw source rows of these read chunks, one read task per chunk, in chunk order."""
     items = [{"epoch": int(c["epoch"]), "first": int(c["first"]), "rows": np.asarray(c["rows"]).tolist()}
              for c in chunks]
     ds = ray.data.from_items(items or [{"epoch": 0, "first": 0, "rows": [0]}], override_num_blocks=max(len(items), 1))
     if not items:  # an empty split (no held-out rows): no rows, the same stages
         ds = ds.limit(0)
-    return ds.map_batches(read_chunk, batch_size=1, batch_format="pyarrow", fn_kwargs={"manifest": manifest})
+    return ds.map_batches(read_chunk, batch_size=1, batch_format="pyarrow",
+                          fn_kwargs={"manifest": manifest, "stats_actor": stats_actor})
 
 
 def unit_chunks(manifest: Manifest, rows: np.ndarray, epoch: int) -> list[dict]:
@@ -409,7 +415,7 @@ def planned_train_dataset(spec: DataSpec, tokenizer_path: str, manifest: Manifes
 
     if spec.cache:
         return precompute.cached_train_dataset(spec, chunks)
-    ds = _preprocessed(chunk_dataset(manifest, chunks), manifest, spec, tokenizer_path)
+    ds = _preprocessed(chunk_dataset(manifest, chunks, spec.stats_actor), manifest, spec, tokenizer_path)
     if spec.encoder:
         ds = precompute.encode_stage(ds, precompute.EncoderSpec(**spec.encoder), spec.batch_size)
     ds.context.execution_options.preserve_order = True
@@ -431,7 +437,7 @@ def build_datasets(spec: DataSpec, tokenizer_path: str, epoch: int = 0,
     out = {}
     for split, rows, split_spec, split_epoch in (("train", training_rows(manifest), spec, epoch),
                                                  ("val", manifest.val_rows, val_spec, 0)):
-        ds = chunk_dataset(manifest, unit_chunks(manifest, rows, split_epoch))
+        ds = chunk_dataset(manifest, unit_chunks(manifest, rows, split_epoch), spec.stats_actor)
         out[split] = _preprocessed(ds, manifest, split_spec, tokenizer_path, split_epoch).drop_columns(
             [ORDER_COLUMN, EPOCH_COLUMN])
     out["val"].context.execution_options.preserve_order = True

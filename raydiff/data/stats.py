@@ -67,6 +67,10 @@ class DataStats:
                 self.examples.append(f"{record['what']}: {record['reason']}")
                 print(f"[raydiff] data: skipped {self.examples[-1]}", flush=True)  # reaches the driver log
 
+    def known_skipped(self) -> list[int]:
+        """Rows already found unusable: read tasks drop them before decoding (the stream is the same either way)."""
+        return sorted(r["row"] for r in self.skipped if r["row"] >= 0)
+
     def snapshot(self) -> dict:
         if self.unsaved and self.run_dir:
             self._save()
@@ -130,6 +134,13 @@ def record(name: str | None, counts: dict[str, list[int] | int], skipped: list[d
     """Add counted rows (or plain counts) and skipped-row records ({row, file, what, reason})."""
     if name and (any(counts.values()) or skipped):
         ray.get(_actor(name).add.remote(counts, skipped))
+
+
+def known_skipped(name: str | None) -> np.ndarray:
+    """The source rows this run already skipped (sorted; empty without an actor)."""
+    if not name:
+        return np.zeros(0, np.int64)
+    return np.asarray(ray.get(_actor(name).known_skipped.remote()), dtype=np.int64)
 
 
 def snapshot(name: str | None) -> dict:
