@@ -50,6 +50,12 @@ class _CountingFile:
             self.inner.close()
             _record(self.sink, self.count, self.path)
 
+    def __del__(self) -> None:  # readers that drop a file without closing it (pyarrow datasets) still count
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: nothing left to record into
+            pass
+
 
 _LOCK = threading.Lock()
 
