@@ -17,12 +17,12 @@ __all__ = [
     "decode_image",
     "ensure_demo_dataset",
     "plan_crop",
-    "read_source",
+    "build_manifest",
     "time_ids",
     "write_demo_dataset",
 ]
 
-_PIPELINE_NAMES = {"DataSpec", "OUTPUT_COLUMNS", "Preprocessor", "build_datasets", "read_source"}
+_PIPELINE_NAMES = {"DataSpec", "OUTPUT_COLUMNS", "Preprocessor", "build_datasets", "build_manifest"}
 
 
 def __getattr__(name: str):

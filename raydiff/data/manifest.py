@@ -173,9 +173,10 @@ def build(source: str, fmt: str | None, image_column: str, caption_column: str, 
     per_file = _units_per_file(unit_fs, files, src.format)
     root = _root(files)
     names = [posixpath.relpath(f, root) for f in files]
-    unit_file = np.concatenate([np.full(len(u), i, np.int64) for i, u in enumerate(per_file)] or [np.zeros(0, np.int64)])
-    unit_part = np.concatenate([np.arange(len(u), dtype=np.int64) for u in per_file] or [np.zeros(0, np.int64)])
-    unit_rows = np.concatenate([np.asarray(u, np.int64) for u in per_file] or [np.zeros(0, np.int64)])
+    none = [np.zeros(0, np.int64)]
+    unit_file = np.concatenate([np.full(len(u), i, np.int64) for i, u in enumerate(per_file)] or none)
+    unit_part = np.concatenate([np.arange(len(u), dtype=np.int64) for u in per_file] or none)
+    unit_rows = np.concatenate([np.asarray(u, np.int64) for u in per_file] or none)
     keep = unit_rows > 0  # empty row groups and shards read nothing
     return Manifest(src.format, src.filesystem, unit_fs, files, unit_file[keep], unit_part[keep], unit_rows[keep],
                     choose_val_rows(names, per_file, val_fraction, val_max_samples), fingerprint(stats, src.format),

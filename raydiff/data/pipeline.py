@@ -407,7 +407,8 @@ def _preprocessed(ds: ray.data.Dataset, manifest: Manifest, spec: DataSpec, toke
                           fn_kwargs={"tokenizer_path": tokenizer_path, "settings": settings})
 
 
-def planned_train_dataset(spec: DataSpec, tokenizer_path: str, manifest: Manifest, chunks: list[dict]) -> ray.data.Dataset:
+def planned_train_dataset(spec: DataSpec, tokenizer_path: str, manifest: Manifest,
+                          chunks: list[dict]) -> ray.data.Dataset:
     """A worker's read chunks (raydiff.data.stream) as training rows in its stream order: read, then preprocessed
     with each row's epoch's crop and flip (and, with a streamed precompute, encoded). With a precompute cache the
     chunks' rows come from the cache instead."""

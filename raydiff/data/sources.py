@@ -94,7 +94,8 @@ def _folder_rows(batch: pa.Table | pa.RecordBatch, meta: str, image_column: str,
         raise KeyError(f"column 'file_name' not in image-folder metadata {meta}; available: {batch.schema.names}")
     names = batch.column("file_name").to_pylist()
     paths = [posixpath.join(posixpath.dirname(meta), str(n)) if n else None for n in names]
-    caption = batch.column(caption_column) if caption_column in batch.schema.names else pa.nulls(len(batch), pa.string())
+    has_caption = caption_column in batch.schema.names
+    caption = batch.column(caption_column) if has_caption else pa.nulls(len(batch), pa.string())
     return pa.table({
         image_column: pa.array([{"bytes": None, "path": p} for p in paths], type=IMAGE_TYPE),
         caption_column: caption.cast(pa.string()),
