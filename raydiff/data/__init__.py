@@ -14,10 +14,10 @@ __all__ = [
     "Preprocessor",
     "apply_crop",
     "build_datasets",
+    "build_manifest",
     "decode_image",
     "ensure_demo_dataset",
     "plan_crop",
-    "build_manifest",
     "time_ids",
     "write_demo_dataset",
 ]
