@@ -137,3 +137,11 @@ def test_a_source_changed_under_a_run_is_named_on_resume(tmp_path):
     message = manifests.describe_change(m, now)
     assert "1 file(s) removed (part-2.parquet)" in message and "1 file(s) rewritten (part-1.parquet)" in message
     assert f"{2 * GROUPS * PER_GROUP} of the run's {m.num_rows} rows" in message
+
+
+def test_a_corrupt_file_is_named_at_start_up(tmp_path):
+    root = write_source(str(tmp_path / "src"), "parquet")
+    with open(os.path.join(root, "part-9.parquet"), "wb") as f:
+        f.write(b"not parquet")
+    with pytest.raises(ValueError, match=r"cannot read the parquet metadata of .*part-9\.parquet"):
+        manifests.build(root, None, "image", "text", 0.0, 0)

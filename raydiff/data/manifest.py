@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
+import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -72,11 +73,6 @@ class Manifest:
         unit = np.searchsorted(self.unit_start, g, "right") - 1
         return unit, g - self.unit_start[unit]
 
-    def unit_bytes(self) -> int:
-        """Bytes of the unit files (for reports: a stream should read about this much per epoch)."""
-        infos = self.unit_filesystem.get_file_info(self.files)
-        return int(sum(i.size or 0 for i in infos))
-
     # ------------------------------------------------------------ persistence (the run directory)
 
     def to_json(self) -> str:
@@ -112,8 +108,15 @@ def fingerprint(stats: dict[str, list[int]], fmt: str) -> str:
 
 def _units_per_file(fs: pafs.FileSystem, files: list[str], fmt: str) -> list[list[int]]:
     count = sources.parquet_units if fmt in ("parquet", "imagefolder") else (lambda f, p: [sources.tar_samples(f, p)])
+
+    def units(path: str) -> list[int]:
+        try:
+            return count(fs, path)
+        except (OSError, ValueError, tarfile.TarError) as err:  # ArrowInvalid is a ValueError
+            raise ValueError(f"cannot read the {fmt} metadata of {path}: {err}") from err
+
     with ThreadPoolExecutor(FOOTER_THREADS) as pool:
-        return list(pool.map(lambda p: count(fs, p), files))
+        return list(pool.map(units, files))
 
 
 def _row_hashes(file_key: int, first_row: int, n: int) -> np.ndarray:

@@ -16,6 +16,7 @@ import functools
 import logging
 import os
 import pickle
+import tarfile
 from dataclasses import dataclass, replace
 from typing import Any, Iterator
 
@@ -108,18 +109,8 @@ class RowError(ValueError):
 
 def image_parts(column: pa.ChunkedArray | pa.Array) -> tuple[list[bytes | None], list[str | None]]:
     """(bytes, path) per row from an HF image struct {bytes, path}, a binary column, or a path column."""
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    n = len(arr)
-    if pa.types.is_struct(arr.type):
-        fields = {arr.type.field(i).name for i in range(arr.type.num_fields)}
-        data = pc.struct_field(arr, "bytes").to_pylist() if "bytes" in fields else [None] * n
-        paths = pc.struct_field(arr, "path").to_pylist() if "path" in fields else [None] * n
-        return data, paths
-    if pa.types.is_binary(arr.type) or pa.types.is_large_binary(arr.type):
-        return arr.to_pylist(), [None] * n
-    if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
-        return [None] * n, arr.to_pylist()
-    raise TypeError(f"unsupported image column type {arr.type} (want struct<bytes, path>, binary or string)")
+    arr = sources.image_struct(column)
+    return arr.field("bytes").to_pylist(), arr.field("path").to_pylist()
 
 
 def row_keys(table: pa.Table, image_column: str) -> np.ndarray:
@@ -182,7 +173,7 @@ def read_chunk(batch: pa.Table, *, manifest: Manifest, stats_actor: str | None =
     (epoch,), (first,), (rows,) = (batch[c].to_pylist() for c in ("epoch", "first", "rows"))
     g = np.asarray(rows, dtype=np.int64)
     orders = first + np.arange(len(g))
-    usable = ~np.isin(g, stats.known_skipped(stats_actor))
+    usable = ~np.isin(g, stats.known_skipped(stats_actor, g))
     if usable.any():  # (a chunk of known-bad rows only is read as it is: an empty block would need a schema)
         g, orders = g[usable], orders[usable]
     unit, row = manifest.locate(g)
@@ -190,8 +181,11 @@ def read_chunk(batch: pa.Table, *, manifest: Manifest, stats_actor: str | None =
     for u in np.unique(unit):
         at = np.flatnonzero(unit == u)
         path, part = manifest.files[int(manifest.unit_file[u])], int(manifest.unit_part[u])
-        parts.append(sources.read_unit_rows(manifest.unit_filesystem, manifest.format, path, part,
-                                            row[at].tolist(), manifest.image_column, manifest.caption_column))
+        try:
+            parts.append(sources.read_unit_rows(manifest.unit_filesystem, manifest.format, path, part,
+                                                row[at].tolist(), manifest.image_column, manifest.caption_column))
+        except (OSError, ValueError, tarfile.TarError) as err:  # the file changed or broke after start-up
+            raise RuntimeError(f"cannot read {manifest.format} unit {part} of {path}: {err}") from err
         places.append(at)
     table = pa.concat_tables(parts, promote_options="permissive") if len(parts) > 1 else parts[0]
     table = table.take(pa.array(np.argsort(np.concatenate(places), kind="stable"), type=pa.int64()))
@@ -200,15 +194,18 @@ def read_chunk(batch: pa.Table, *, manifest: Manifest, stats_actor: str | None =
             .append_column(ROW_COLUMN, pa.array(g, type=pa.int64())))
 
 
-def chunk_dataset(manifest: Manifest, chunks: list[dict], stats_actor: str | None = None) -> ray.data.Dataset:
-    """Raw source rows of these read chunks, one read task per chunk, in chunk order."""
+def chunk_items(chunks: list[dict]) -> ray.data.Dataset:
+    """The read chunks as a dataset of one chunk per block, so each becomes one read task, in chunk order."""
     items = [{"epoch": int(c["epoch"]), "first": int(c["first"]), "rows": np.asarray(c["rows"]).tolist()}
              for c in chunks]
     ds = ray.data.from_items(items or [{"epoch": 0, "first": 0, "rows": [0]}], override_num_blocks=max(len(items), 1))
-    if not items:  # an empty split (no held-out rows): no rows, the same stages
-        ds = ds.limit(0)
-    return ds.map_batches(read_chunk, batch_size=1, batch_format="pyarrow",
-                          fn_kwargs={"manifest": manifest, "stats_actor": stats_actor})
+    return ds if items else ds.limit(0)  # an empty split (no held-out rows): no rows, the same stages
+
+
+def chunk_dataset(manifest: Manifest, chunks: list[dict], stats_actor: str | None = None) -> ray.data.Dataset:
+    """Raw source rows of these read chunks, one read task per chunk, in chunk order."""
+    return chunk_items(chunks).map_batches(read_chunk, batch_size=1, batch_format="pyarrow",
+                                           fn_kwargs={"manifest": manifest, "stats_actor": stats_actor})
 
 
 def unit_chunks(manifest: Manifest, rows: np.ndarray, epoch: int) -> list[dict]:

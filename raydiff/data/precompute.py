@@ -194,10 +194,10 @@ def read_cached_chunk(batch, *, filesystem: pafs.FileSystem, root: str, index: d
 
 def cached_train_dataset(spec, chunks: list[dict]) -> ray.data.Dataset:
     """A worker's read chunks (raydiff.data.stream) from the cache (``spec.cache``), in its stream order."""
+    from raydiff.data.pipeline import chunk_items
+
     index = json.loads(storage.read_text(storage.join(spec.cache, ROW_INDEX)))
-    items = [{"epoch": int(c["epoch"]), "first": int(c["first"]), "rows": np.asarray(c["rows"]).tolist()}
-             for c in chunks]
-    ds = ray.data.from_items(items, override_num_blocks=max(len(items), 1))
+    ds = chunk_items(chunks)
     # The filesystem travels pickled, with the endpoint and credentials resolved here (raydiff.storage).
     fs, root = storage.filesystem(spec.cache)
     ds = ds.map_batches(read_cached_chunk, batch_size=1, batch_format="pyarrow",

@@ -230,12 +230,12 @@ def read_unit_rows(fs: pafs.FileSystem, fmt: str, path: str, part: int, rows: li
     if fmt == "imagefolder":  # the listing: its rows already hold (image struct with a path, caption, _file)
         return _row_group(fs, path, part).take(pa.array(rows, type=pa.int64()))
     table = _read_parquet_rows(fs, path, part, rows, image_column, caption_column)
-    return table.set_column(0, image_column, _as_image_struct(table[image_column]))
+    return table.set_column(0, image_column, image_struct(table[image_column]))
 
 
-def _as_image_struct(column: pa.ChunkedArray) -> pa.Array:
+def image_struct(column: pa.ChunkedArray | pa.Array) -> pa.StructArray:
     """An HF image struct, a binary column or a path column → struct {bytes, path}, so units concatenate."""
-    arr = column.combine_chunks()
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     if pa.types.is_struct(arr.type):
         names = {arr.type.field(i).name for i in range(arr.type.num_fields)}
         data = pc.struct_field(arr, "bytes") if "bytes" in names else pa.nulls(len(arr), pa.binary())

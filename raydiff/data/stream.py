@@ -16,8 +16,8 @@ windows of whole units holding at least ``window`` rows. Order is thus random at
 and at the row level within a window; every epoch draws both afresh.
 
 A restart on another layout mid-epoch hands the rest of that epoch (the rows the earlier segment's ranks had not
-reached, in their order) to the new ranks in contiguous spans; later epochs are planned for the new layout. For
-that one epoch each worker computes the whole remainder (8 bytes a row); otherwise a worker holds its share only.
+reached, in their order) to the new ranks in contiguous spans; later epochs are planned for the new layout. A
+worker computes only the old ranks' spans its own share overlaps, so it holds O(its share) rows either way.
 
 A row that fails preprocessing (skipped, counted) is replaced by the worker's next row of the stream, so batches
 stay full; the worker records how many local rows it has consumed, and a restart continues from there.
@@ -203,7 +203,7 @@ def epoch_share(units: Units, seed: int, pos: StreamPosition, rank: int, epoch: 
     n = units.total
     lo_pos, hi_pos = epoch * n, (epoch + 1) * n
     segments = pos.segments()
-    remainder = None  # None: the epoch's whole sequence (no earlier segment covered part of it)
+    remainder = None  # (lo, hi) -> rows lo..hi of what earlier segments left of the epoch; None: all of it
     for i, (start, world, batch) in enumerate(segments):
         end = segments[i + 1][0] if i + 1 < len(segments) else None
         if start >= hi_pos or (end is not None and end <= lo_pos):
@@ -213,18 +213,27 @@ def epoch_share(units: Units, seed: int, pos: StreamPosition, rank: int, epoch: 
         counts = [first_row_at_or_after(start, world, batch, r, hi_pos) - rows_at[r] for r in range(world)]
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
-        def span(r: int) -> tuple[np.ndarray, np.ndarray]:
+        def span(r: int, remainder=remainder, offsets=offsets) -> tuple[np.ndarray, np.ndarray]:
             if remainder is None:
                 return shuffled_span(units, seed, epoch, int(offsets[r]), int(offsets[r + 1]), window)
-            part = remainder[offsets[r]:offsets[r + 1]]
+            part = remainder(int(offsets[r]), int(offsets[r + 1]))
             return part, windows(np.full(len(part), 1, np.int64), window)
 
         if i == len(segments) - 1:
             rows, chunks = span(rank)
             return EpochShare(epoch, rows_at[rank], rows, chunks)
         stop = min(end, hi_pos)
-        remainder = np.concatenate([span(r)[0][first_row_at_or_after(start, world, batch, r, stop) - rows_at[r]:]
-                                    for r in range(world)])
+        done = [first_row_at_or_after(start, world, batch, r, stop) - rows_at[r] for r in range(world)]
+        tails = np.concatenate([[0], np.cumsum(np.subtract(counts, done))]).astype(np.int64)
+
+        def rest(lo: int, hi: int, span=span, done=done, tails=tails) -> np.ndarray:
+            """The old ranks' unread tails, concatenated, rows lo..hi: only the ranks that overlap are computed,
+            so a new rank's share costs O(its share + an old rank's span), not the whole epoch."""
+            parts = [span(r)[0][done[r] + max(lo, tails[r]) - tails[r]:done[r] + min(hi, tails[r + 1]) - tails[r]]
+                     for r in range(len(done)) if max(lo, tails[r]) < min(hi, tails[r + 1])]
+            return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+        remainder = rest
     return EpochShare(epoch, 0, np.zeros(0, np.int64), np.zeros(0, np.int64))
 
 

@@ -242,6 +242,10 @@ def run_training(cfg: Config, callbacks: list | None = None) -> RunOutputs:
     except BaseException:  # stopped or failed: a relaunch resumes, and reopens the MLflow run
         tracking.end_mlflow_run(cfg, mlflow_run, status="FAILED")
         raise
+    finally:
+        from raydiff.data import stats
+
+        stats.flush_all()  # the distinct-row counters a relaunch continues from
     out = RunOutputs(run_dir=path, model_dir=storage.join(path, "final"),
                      metrics_path=storage.join(path, "metrics.jsonl"),
                      checkpoint_path=result.checkpoint.path if result.checkpoint else None,
