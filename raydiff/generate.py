@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
+from raydiff.export import HALF_VARIANT
 from raydiff.models import diffusers_dtype_kwarg, resolve_pretrained
 
 
@@ -28,14 +29,22 @@ def _device_and_dtype() -> tuple[str, torch.dtype]:
     return "cpu", torch.float32
 
 
+def half_variant(path: str, dtype: torch.dtype) -> str | None:
+    """"fp16" when sampling in 16 bits from a local export that has those files (half the bytes to read)."""
+    unet = os.path.join(path, "unet", f"diffusion_pytorch_model.{HALF_VARIANT}.safetensors")
+    return HALF_VARIANT if dtype != torch.float32 and os.path.isfile(unet) else None
+
+
 def load_pipeline(model_dir: str, device: str | None = None, dtype: torch.dtype | None = None):
     """Load a pipeline dir (or ``"tiny"`` / a hub id); raises FileNotFoundError for a missing local dir."""
     from diffusers import StableDiffusionXLPipeline
 
     default_device, default_dtype = _device_and_dtype()
+    dtype = dtype or default_dtype
     path = resolve_pretrained(model_dir)
     pipe = StableDiffusionXLPipeline.from_pretrained(
-        path, **diffusers_dtype_kwarg(dtype or default_dtype), add_watermarker=False  # unaltered pixels for metrics
+        path, **diffusers_dtype_kwarg(dtype), variant=half_variant(path, dtype),
+        add_watermarker=False,  # unaltered pixels for metrics
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device or default_device)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 from collections import Counter
@@ -27,9 +26,8 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-TINY = "tiny"
-# Bump when the tiny architecture/tokenizer changes so stale cache dirs are never reused.
-TINY_VERSION = 1
+from raydiff import hub
+from raydiff.hub import TINY, TINY_VERSION, default_cache_dir, local_pretrained, model_ref
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 MODEL_MAX_LENGTH = 77
@@ -60,11 +58,6 @@ class SDXLComponents:
     tokenizer: CLIPTokenizer
     tokenizer_2: CLIPTokenizer
     noise_scheduler: DDPMScheduler
-
-
-def default_cache_dir() -> str:
-    """Where built artefacts (the tiny model) live: ``$RAYDIFF_CACHE`` or ``~/.cache/raydiff``."""
-    return os.environ.get("RAYDIFF_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "raydiff")
 
 
 # --------------------------------------------------------------------------------------------- tiny tokenizer
@@ -262,21 +255,19 @@ def _tiny_pipeline(tok: CLIPTokenizer, tok_2: CLIPTokenizer, seed: int) -> Stabl
 # --------------------------------------------------------------------------------------------- resolving
 
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
 def resolve_pretrained(name_or_path: str, cache_dir: str | None = None) -> str:
-    """``"tiny"`` -> path of the (built-once) tiny model; hub ids and existing paths are returned unchanged."""
+    """``"tiny"`` -> path of the (built-once) tiny model; hub ids and existing paths are returned unchanged (a name:
+    :func:`raydiff.hub.local_pretrained` turns it into this node's local directory)."""
     if name_or_path == TINY:
         return _ensure_tiny(cache_dir or default_cache_dir())
-    if os.path.exists(name_or_path) or _HUB_ID.match(name_or_path):
+    if os.path.exists(name_or_path) or hub.HUB_ID.match(name_or_path):
         return name_or_path
     raise FileNotFoundError(f"model path {name_or_path!r} does not exist (and is not a hub id 'org/name')")
 
 
 def _ensure_tiny(cache_dir: str, seed: int = 0) -> str:
     """Build into a private temp dir, then rename into place: racing processes never see a partial model."""
-    final = os.path.join(cache_dir, f"tiny-sdxl-v{TINY_VERSION}-seed{seed}")
+    final = hub.tiny_dir(cache_dir, seed)
     if os.path.isfile(os.path.join(final, "model_index.json")):
         return final
     os.makedirs(cache_dir, exist_ok=True)
@@ -296,15 +287,14 @@ def _ensure_tiny(cache_dir: str, seed: int = 0) -> str:
 # --------------------------------------------------------------------------------------------- loading
 
 
-def load_tokenizers(pretrained: str) -> tuple[CLIPTokenizer, CLIPTokenizer]:
-    return _load_tokenizers(resolve_pretrained(pretrained))
+def load_tokenizers(pretrained: str, revision: str | None = None) -> tuple[CLIPTokenizer, CLIPTokenizer]:
+    """Both tokenizers of a model name (:func:`raydiff.hub.model_ref`), from this node's copy of their files only."""
+    return _load_tokenizers(local_pretrained(pretrained, revision, parts=hub.TOKENIZERS))
 
 
-def _load_tokenizers(path: str, revision: str | None = None) -> tuple[CLIPTokenizer, CLIPTokenizer]:
-    return (
-        CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=revision),
-        CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", revision=revision),
-    )
+def _load_tokenizers(path: str) -> tuple[CLIPTokenizer, CLIPTokenizer]:
+    """From a local model directory (no hub call)."""
+    return tuple(CLIPTokenizer.from_pretrained(path, subfolder=sub) for sub in hub.TOKENIZERS)  # type: ignore
 
 
 def tokenize(tokenizers: tuple[CLIPTokenizer, CLIPTokenizer], captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -324,7 +314,7 @@ def tokenize(tokenizers: tuple[CLIPTokenizer, CLIPTokenizer], captions: list[str
     )
 
 
-def _vae_location(vae: str) -> tuple[str, str | None]:
+def vae_location(vae: str) -> tuple[str, str | None]:
     """A standalone VAE repo has its config at the top; a full pipeline dir keeps it under ``vae/``."""
     if not os.path.isfile(os.path.join(vae, "config.json")) and os.path.isfile(os.path.join(vae, "vae", "config.json")):
         return vae, "vae"
@@ -350,6 +340,14 @@ def _frozen(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     return module.eval()
 
 
+# A weight variant that is exactly the training precision's cast of the fp32 weights. DeepSpeed bf16/fp16 casts the
+# module it is given and builds its fp32 masters from that cast (engine._configure_distributed_model runs before the
+# optimizer; ZeRO-1/2, ZeRO-3 and the bf16/fp16 optimizers copy the 16-bit partitions to fp32), so loading that
+# variant in that dtype is the same model. fp16 files cast to bf16 are not: ~6 % of weights round differently
+# (double rounding) and values below fp16's normal range lose bits; bf16 therefore takes only a "bf16" variant.
+_EXACT_VARIANT = {torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
 def load_components(
     pretrained: str,
     vae: str | None = None,
@@ -357,18 +355,27 @@ def load_components(
     variant: str | None = None,
     text_encoder_dtype: torch.dtype = torch.float32,
     vae_dtype: torch.dtype = torch.float32,
+    unet_dtype: torch.dtype = torch.float32,
 ) -> SDXLComponents:
-    """Load the training components of an SDXL checkpoint (hub id, local dir, or ``"tiny"``).
+    """Load the training components of an SDXL checkpoint (hub id, local dir, or ``"tiny"``). A hub id is
+    downloaded once per node, only the files loaded here (:mod:`raydiff.hub`).
+
+    ``unet_dtype``: the trainable UNet's dtype. Under DeepSpeed bf16/fp16 pass that dtype: the engine casts the
+    module to it and builds its fp32 master weights from the cast copy (every ZeRO stage), so an fp32 load only
+    doubles download and host RAM. With it, the repo's ``fp16`` (float16) or ``bf16`` (bfloat16) UNet weights are
+    loaded where the repo has them and ``variant`` is unset. fp32 training: keep the default.
 
     The noise scheduler is a ``DDPMScheduler`` built from the checkpoint's scheduler config (SDXL ships an Euler
     sampler config; the betas/timestep settings carry over, sampler-only keys are ignored).
     """
-    path = resolve_pretrained(pretrained)
-    kw = dict(revision=revision, variant=variant)
-    # The UNet is trained in fp32 master weights (mixed precision is DeepSpeed's job), even from an fp16 variant.
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **diffusers_dtype_kwarg(torch.float32), **kw)
+    prefer = {"unet": _EXACT_VARIANT[unet_dtype]} if unet_dtype in _EXACT_VARIANT else None
+    parts = hub.PIPELINE if vae is None else tuple(p for p in hub.PIPELINE if p != "vae")
+    path = local_pretrained(pretrained, revision, parts, variant, prefer)  # all of the run's files: one download
+    unet_variant = hub.local_part_variant(path, "unet", variant, (prefer or {}).get("unet"))
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=unet_variant,
+                                                **diffusers_dtype_kwarg(unet_dtype))
     enc = load_encoders(pretrained, vae, revision, variant, text_encoder_dtype, vae_dtype)
-    tokenizer, tokenizer_2 = _load_tokenizers(path, revision=revision)
+    tokenizer, tokenizer_2 = _load_tokenizers(path)
     return SDXLComponents(
         unet=unet.train(),
         vae=enc.vae,
@@ -376,7 +383,7 @@ def load_components(
         text_encoder_2=enc.text_encoder_2,
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,
-        noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=revision),
+        noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
     )
 
 
@@ -395,16 +402,17 @@ def load_encoders(
     text_encoder_dtype: torch.dtype = torch.float32,
     vae_dtype: torch.dtype = torch.float32,
 ) -> FrozenEncoders:
-    """The frozen VAE and both text encoders (eval mode, no grad), e.g. for a precompute actor."""
-    path = resolve_pretrained(pretrained)
-    kw = dict(revision=revision, variant=variant)
+    """The frozen VAE and both text encoders (eval mode, no grad), e.g. for a precompute actor; from this node's copy
+    of their files (:mod:`raydiff.hub`)."""
+    path = local_pretrained(pretrained, revision, tuple(p for p in hub.ENCODERS if vae is None or p != "vae"), variant)
     if vae is not None:  # a standalone VAE (e.g. the fp16-fix one): its own repo, so no revision/variant
-        vae_path, vae_sub = _vae_location(resolve_pretrained(vae))
+        vae_path, vae_sub = vae_location(local_pretrained(vae, parts=(hub.STANDALONE_VAE,)))
         vae_model = AutoencoderKL.from_pretrained(vae_path, subfolder=vae_sub, **diffusers_dtype_kwarg(vae_dtype))
     else:
-        vae_model = AutoencoderKL.from_pretrained(path, subfolder="vae", **diffusers_dtype_kwarg(vae_dtype), **kw)
-    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw)
-    text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **kw)
+        vae_model = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=variant,
+                                                  **diffusers_dtype_kwarg(vae_dtype))
+    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=variant)
+    text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", variant=variant)
     return FrozenEncoders(_frozen(vae_model, vae_dtype), _frozen(text_encoder, text_encoder_dtype),
                           _frozen(text_encoder_2, text_encoder_dtype))
 
@@ -414,13 +422,29 @@ def encode_prompt(
     text_encoder_2: CLIPTextModelWithProjection,
     input_ids: torch.Tensor | np.ndarray,
     input_ids_2: torch.Tensor | np.ndarray,
+    zero_empty: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SDXL conditioning: (penultimate hidden states of both encoders concatenated ``[B, 77, D1+D2]``,
-    encoder 2's projected pooled output ``[B, P]``). Gradients follow the caller's grad mode."""
+    encoder 2's projected pooled output ``[B, P]``). Gradients follow the caller's grad mode.
+
+    ``zero_empty``: an empty prompt (a dropped caption) is all zeros, both tensors, as SDXL's pipeline gives an empty
+    negative prompt (``force_zeros_for_empty_prompt``): training's unconditional is then what guidance samples with."""
+    ids_2 = _as_ids(input_ids_2, text_encoder_2)
     out_1 = text_encoder(_as_ids(input_ids, text_encoder), output_hidden_states=True)
-    out_2 = text_encoder_2(_as_ids(input_ids_2, text_encoder_2), output_hidden_states=True)
+    out_2 = text_encoder_2(ids_2, output_hidden_states=True)
     prompt_embeds = torch.cat([out_1.hidden_states[-2], out_2.hidden_states[-2]], dim=-1)
-    return prompt_embeds, out_2.text_embeds
+    pooled = out_2.text_embeds
+    if zero_empty:
+        # Right after BOS comes EOS, CLIP's largest token id, only when the prompt is empty.
+        keep = (ids_2[:, 1] != ids_2.max(dim=1).values).to(prompt_embeds.dtype)
+        prompt_embeds, pooled = prompt_embeds * keep[:, None, None], pooled * keep[:, None]
+    return prompt_embeds, pooled
+
+
+def zeros_for_empty_prompt(pretrained: str, revision: str | None = None) -> bool:
+    """Whether the model's pipeline samples an empty negative prompt as zeros (SDXL base: yes)."""
+    config = StableDiffusionXLPipeline.load_config(local_pretrained(pretrained, revision, parts=()))
+    return bool(config.get("force_zeros_for_empty_prompt", True))
 
 
 def latent_moments(vae: AutoencoderKL, pixels: torch.Tensor) -> torch.Tensor:
@@ -443,6 +467,7 @@ def _as_ids(ids: torch.Tensor | np.ndarray, model: torch.nn.Module) -> torch.Ten
 
 __all__ = [
     "TINY",
+    "TINY_VERSION",
     "SDXLComponents",
     "build_tiny_sdxl",
     "default_cache_dir",
@@ -453,6 +478,9 @@ __all__ = [
     "load_encoders",
     "sample_latents",
     "load_tokenizers",
+    "local_pretrained",
+    "model_ref",
     "resolve_pretrained",
     "tokenize",
+    "zeros_for_empty_prompt",
 ]

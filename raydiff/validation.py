@@ -150,9 +150,25 @@ def render_grid(pipe, prompts: list[str], steps: int, seed: int, eps_scale: floa
     handle = eps_scale_hook(pipe.unet, pipe.scheduler, prediction_type, eps_scale)
     try:
         size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-        images = pipe(prompt=list(prompts), num_inference_steps=steps, height=size, width=size,
-                      generator=torch.Generator(device="cpu").manual_seed(seed)).images
+        latents = pipe(prompt=list(prompts), num_inference_steps=steps, height=size, width=size, output_type="latent",
+                       generator=torch.Generator(device="cpu").manual_seed(seed)).images
     finally:
         if handle is not None:
             handle.remove()
-    return image_grid(images, cols=math.ceil(math.sqrt(len(images))))
+    return image_grid(decode_images(pipe, latents), cols=math.ceil(math.sqrt(len(prompts))))
+
+
+@torch.no_grad()
+def decode_images(pipe, latents: torch.Tensor) -> list:
+    """Latents from a bf16/fp16 UNet -> PIL images through the VAE in its own dtype. The stock pipeline hands
+    16-bit latents to an fp32 VAE unconverted (a dtype error), which the training run's sample images would hit."""
+    vae = pipe.vae
+    latents = latents.to(vae.device, vae.dtype)
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if mean is not None and std is not None:
+        shape = (1, -1, 1, 1)
+        latents = latents * torch.tensor(std).view(shape).to(latents) / vae.config.scaling_factor + \
+            torch.tensor(mean).view(shape).to(latents)
+    else:
+        latents = latents / vae.config.scaling_factor
+    return pipe.image_processor.postprocess(vae.decode(latents, return_dict=False)[0], output_type="pil")

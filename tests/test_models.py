@@ -173,6 +173,22 @@ def test_encode_prompt_matches_unet_and_stock_pipeline(comps, pipe) -> None:
     torch.testing.assert_close(pooled, ref_pooled)
 
 
+def test_dropped_caption_conditions_like_the_pipelines_empty_negative_prompt(comps, pipe, tiny_sdxl) -> None:
+    """Caption dropout trains the unconditional that classifier-free guidance samples with: SDXL's pipeline gives an
+    empty negative prompt as zeros (force_zeros_for_empty_prompt), so a dropped caption encodes to zeros too."""
+    ids, ids_2 = m.tokenize((comps.tokenizer, comps.tokenizer_2), ["a red circle", ""])
+    with torch.no_grad():
+        embeds, pooled = m.encode_prompt(comps.text_encoder, comps.text_encoder_2, ids, ids_2, zero_empty=True)
+        plain, _ = m.encode_prompt(comps.text_encoder, comps.text_encoder_2, ids, ids_2)
+    _, negative, _, negative_pooled = pipe.encode_prompt("a red circle", device="cpu",
+                                                         do_classifier_free_guidance=True)
+    assert m.zeros_for_empty_prompt(tiny_sdxl)
+    torch.testing.assert_close(embeds[1:], negative)
+    torch.testing.assert_close(pooled[1:], negative_pooled)
+    torch.testing.assert_close(embeds[:1], plain[:1])  # a real caption is untouched
+    assert plain[1].abs().sum() > 0  # without the switch, the empty prompt's own encoding
+
+
 def test_unet_forward_backward_with_added_cond(comps: m.SDXLComponents) -> None:
     bsz, unet = 4, comps.unet
     ids, ids_2 = m.tokenize((comps.tokenizer, comps.tokenizer_2), ["a photo"] * bsz)

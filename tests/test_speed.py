@@ -179,23 +179,20 @@ def _no_host_sync(monkeypatch):
 
 @pytest.mark.parametrize("schedule, per_sample", [("random_strength", True), ("random_strength", False),
                                                    ("linear_decay", False)])
-def test_train_micro_step_makes_no_host_sync(comps, monkeypatch, schedule, per_sample):
-    from raydiff.train import loop
+def test_train_step_makes_no_host_sync(comps, monkeypatch, schedule, per_sample):
+    from raydiff.train.step import TrainStep, step_generator
 
-    worker = object.__new__(loop.Worker)
-    worker.cfg = cfg_with(f"objective.gamma_schedule={schedule}", f"objective.gamma_per_sample={per_sample}",
-                          "objective.snr_gamma=5.0", "objective.noise_offset=0.05", "train.batch_size=2")
-    worker.device, worker.dtype, worker.rank, worker.world = torch.device("cpu"), torch.float32, 0, 1
-    worker.state = loop.TrainState(step=3)
-    worker.vae, worker.text_encoder, worker.text_encoder_2 = comps.vae, comps.text_encoder, comps.text_encoder_2
-    worker.alphas_cumprod = comps.noise_scheduler.alphas_cumprod.float()
-    worker.prediction_type, worker.engine = "epsilon", _Engine(comps.unet)
-    ids = torch.from_numpy(models.tokenize((comps.tokenizer, comps.tokenizer_2), ["a red circle"] * 2)[0])
+    cfg = cfg_with(f"objective.gamma_schedule={schedule}", f"objective.gamma_per_sample={per_sample}",
+                   "objective.snr_gamma=5.0", "objective.noise_offset=0.05", "train.batch_size=2")
+    encoders = models.FrozenEncoders(comps.vae, comps.text_encoder, comps.text_encoder_2)
+    step = TrainStep(_Engine(comps.unet), encoders, comps.noise_scheduler.alphas_cumprod.float(), "epsilon",
+                     cfg.objective, cfg.train.max_steps, torch.float32, zero_empty_prompt=True)
+    ids = torch.from_numpy(models.tokenize((comps.tokenizer, comps.tokenizer_2), ["a red circle", ""])[0])
     batch = {"pixels": torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8), "input_ids": ids,
              "input_ids_2": ids.clone(), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)}
     with monkeypatch.context() as m:
         _no_host_sync(m)
-        loss = worker.train_micro_step(batch, 0)
+        loss, gamma = step(batch, 3, step_generator(torch.device("cpu"), 0, 3, 0, 0))
     # Read at log time only (step_metrics): a float for metrics.jsonl and Ray reports.
-    gamma = float(worker.last_gamma)
+    gamma = float(gamma)
     assert 0.0 <= gamma <= 0.1 and torch.isfinite(loss)

@@ -1,5 +1,6 @@
 """One real run (local Ray, DeepSpeed ZeRO-2, 1 worker): linear-decay IP, v-prediction, min-SNR, EMA, caption
-dropout, validation images; checks the metrics, the sample grids and that the export holds the EMA weights."""
+dropout, validation images; checks the metrics, the sample grids and that the export holds the EMA weights. Its export
+first fails at the last step: the relaunch resumes from the last step's checkpoint and only exports."""
 
 import json
 import os
@@ -10,7 +11,7 @@ import torch
 from raydiff import config as C
 from raydiff.export import EXPORT_INFO
 from raydiff.train.driver import run_training
-from raydiff.train.loop import EMA_FILE
+from raydiff.train.ema import saved_state_dict
 from raydiff.train.metrics_log import read_metrics
 
 pytestmark = pytest.mark.integration
@@ -24,7 +25,18 @@ def test_linear_decay_v_prediction_min_snr_ema(ray_local, tmp_path):
         "objective.snr_gamma=5", "objective.noise_offset=0.05", "train.ema_decay=0.9", "data.caption_dropout=0.1",
         "validation.sample_steps=4", "validation.prompts=[a red circle, a blue square]", "validation.image_steps=2",
         "scaling.num_workers=1"])  # the objective, EMA and images are under test; the resume tests cover 2 workers
+    # The export fails at the last step (a file where the model directory goes): the run's last step must already be
+    # in a checkpoint, so that the relaunch only exports, and trains nothing again.
+    blocker = tmp_path / "ip" / "final"
+    blocker.parent.mkdir()
+    blocker.write_text("in the way")
+    with pytest.raises(Exception, match="final"):
+        run_training(cfg)
+    checkpoints = sorted(p for p in (tmp_path / "ip").glob("checkpoint_*") if p.is_dir())
+    assert json.loads((checkpoints[-1] / "trainer_state.json").read_text())["step"] == 8
+    blocker.unlink()
     out = run_training(cfg)
+    assert sorted(p for p in (tmp_path / "ip").glob("checkpoint_*") if p.is_dir()) == checkpoints  # nothing retrained
     rows = read_metrics(out.metrics_path)
     assert [r["step"] for r in rows] == list(range(0, 9))
     # Step s was trained with gamma(s - 1) = 0.1 (1 - (s - 1) / 6), 0 from step 7 on; row 0 is the schedule's start.
@@ -44,8 +56,9 @@ def test_linear_decay_v_prediction_min_snr_ema(ray_local, tmp_path):
     assert info["ema"] is True and info["prediction_type"] == "v_prediction"
     from diffusers import UNet2DConditionModel
 
-    exported = UNet2DConditionModel.from_pretrained(os.path.join(out.model_dir, "unet")).state_dict()
-    ema = torch.load(os.path.join(out.checkpoint_path, EMA_FILE))
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(out.model_dir, "unet"))
+    exported = unet.state_dict()
+    ema = saved_state_dict(out.checkpoint_path, {n: p.shape for n, p in unet.named_parameters()})
     for name, tensor in ema.items():
         assert torch.equal(exported[name], tensor), name
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

@@ -139,17 +139,20 @@ def test_unreadable_asha_state_is_refused_naming_the_file(tmp_path, text):
 def test_concurrency_from_cluster_resources():
     from raydiff.tune.sweep import max_concurrent_trials
 
-    gpu = C.load_config("tune_gamma_lr")  # 4 workers x 1 GPU per trial
-    assert max_concurrent_trials(gpu, {"CPU": 256, "GPU": 16}) == 4
-    assert max_concurrent_trials(gpu, {"CPU": 256, "GPU": 3}) == 1
+    gpu = C.load_config("tune_gamma_lr", GPU_SWEEP_PATHS)  # 8 workers x 1 GPU per trial
+    assert max_concurrent_trials(gpu, {"CPU": 384, "GPU": 32}) == 4
+    assert max_concurrent_trials(gpu, {"CPU": 384, "GPU": 7}) == 1
     cpu = C.load_config("tune_tiny_cpu", ["tune.max_concurrent_trials=null"])  # 1 worker x 0.5 CPU
     assert max_concurrent_trials(cpu, {"CPU": 8}) == 2  # each trial: 0.5 CPU worker + 3 CPUs of Ray Data
     assert max_concurrent_trials(cpu, {"CPU": 2}) == 1
     assert C.load_config("tune_tiny_cpu").tune.max_concurrent_trials == 2
 
 
+GPU_SWEEP_PATHS = ["run.storage_path=s3://team/raydiff", "data.source=s3://team/naruto", "data.cache_dir=s3://team/c"]
+
+
 def test_gpu_sweep_config_searches_gamma_and_lr():
-    cfg = C.load_config("tune_gamma_lr")
+    cfg = C.load_config("tune_gamma_lr", GPU_SWEEP_PATHS)
     assert cfg.tune.search_space["objective.gamma"] == {"grid": [0.0, 0.05, 0.1, 0.15, 0.2]}
     assert cfg.tune.search_space["optim.lr"] == {"loguniform": [1e-6, 1e-4]}
     assert cfg.tune.scheduler == "asha" and cfg.scaling.use_gpu

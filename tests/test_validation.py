@@ -68,8 +68,11 @@ def test_config_keys_validated():
     assert cfg.objective.gamma_schedule == "linear_decay" and cfg.train.ema_decay == 0.99
     with pytest.raises(C.ConfigError, match="objective.gamma_schedule"):
         C.load_config("tiny_cpu", ["objective.gamma_schedule=cosine"])
-    with pytest.raises(C.ConfigError, match="train.ema_decay.*deepspeed.zero_stage"):
-        C.load_config("tiny_cpu", ["train.ema_decay=0.999", "deepspeed.zero_stage=3"])
+    assert C.load_config("tiny_cpu", ["train.ema_decay=0.999", "deepspeed.zero_stage=3"]).train.ema_decay == 0.999
+    with pytest.raises(C.ConfigError, match="deepspeed.precision.*zero_stage 1-3"):  # no fp32 masters at ZeRO-0
+        C.load_config("tiny_cpu", ["deepspeed.precision=bf16", "deepspeed.zero_stage=0"])
+    with pytest.raises(C.ConfigError, match="deepspeed.offload_optimizer"):
+        C.load_config("tiny_cpu", ["deepspeed.offload_optimizer=true", "deepspeed.zero_stage=0"])
     with pytest.raises(C.ConfigError, match="data.caption_dropout"):
         C.load_config("tiny_cpu", ["data.caption_dropout=1.5"])
 

@@ -360,9 +360,14 @@ def _stack(arrays: list[np.ndarray]) -> np.ndarray:
 
 @functools.lru_cache(maxsize=4)
 def _tokenizers(tokenizer_path: str) -> tuple:
+    """Both tokenizers of the model ``tokenizer_path`` names (a local path, ``"tiny"`` or ``org/name[@revision]``,
+    raydiff.hub.model_ref), from this node's copy of their files: a task makes no hub call once the node has them."""
     from transformers import CLIPTokenizer  # imported here: only the processes that preprocess pay for it
 
-    return tuple(CLIPTokenizer.from_pretrained(tokenizer_path, subfolder=sub) for sub in ("tokenizer", "tokenizer_2"))
+    from raydiff import hub  # no torch: a preprocessing task stays light
+
+    path = hub.local_pretrained(tokenizer_path, parts=hub.TOKENIZERS)
+    return tuple(CLIPTokenizer.from_pretrained(path, subfolder=sub) for sub in hub.TOKENIZERS)
 
 
 _PREPROCESSORS: dict[bytes, Preprocessor] = {}  # this process's, by pickled settings (one per epoch and split)

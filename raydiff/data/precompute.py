@@ -41,7 +41,7 @@ TOKEN_COLUMNS = ("input_ids", "input_ids_2")
 MANIFEST = "cache.json"  # written last: a cache directory without it is incomplete and ignored
 EMPTY_PROMPT = "empty_prompt.npz"
 ROW_INDEX = "row_index.json"  # per cache row group: file, group, first and last source row (from the footers)
-CACHE_VERSION = 2  # bump when the cache layout or its meaning changes
+CACHE_VERSION = 3  # bump when the cache layout or its meaning changes
 
 
 @dataclass
@@ -54,6 +54,7 @@ class EncoderSpec:
     revision: str | None = None
     variant: str | None = None
     text_dtype: str = "float32"  # the training precision's dtype, as the workers' own text encoders use
+    zero_empty_prompt: bool = True  # an empty (dropped) caption encodes to zeros (models.encode_prompt)
     concurrency: int = 1
     num_gpus: float = 0.0
 
@@ -84,7 +85,8 @@ class Encoder:
         from raydiff import models
 
         with torch.no_grad():
-            embeds, pooled = models.encode_prompt(self.text_encoder, self.text_encoder_2, ids, ids_2)
+            embeds, pooled = models.encode_prompt(self.text_encoder, self.text_encoder_2, ids, ids_2,
+                                                  self.spec.zero_empty_prompt)
         return _numpy(embeds), _numpy(pooled)
 
     def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
@@ -281,7 +283,8 @@ def _build_cache(spec, encoder: EncoderSpec, tokenizer_path: str, manifest, root
     if rows == 0:
         raise stats.no_data_error(spec.stats_actor, "train")
     storage.write_text(storage.join(root, data_dir, ROW_INDEX), json.dumps(index))
-    empty = ray.get(_encode_empty_prompt.options(num_gpus=encoder.num_gpus or None).remote(asdict(encoder),
+    # DEFAULT: inside a Tune trial the task must not be captured by the trial's placement group (no room there).
+    empty = ray.get(_encode_empty_prompt.options(num_gpus=encoder.num_gpus or None, scheduling_strategy="DEFAULT").remote(asdict(encoder),
                                                                                            tokenizer_path))
     buf = io.BytesIO()
     np.savez(buf, **empty)

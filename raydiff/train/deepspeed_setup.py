@@ -34,10 +34,16 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         "steps_per_print": 10**9,  # our own logging reports progress
         "wall_clock_breakdown": False,
     }
+    if ds.offload_optimizer and not cfg.scaling.use_gpu:  # CPU workers step torch's optimizer: no op to compile
+        config["zero_force_ds_cpu_optimizer"] = False
     if cfg.train.grad_clip > 0:
         config["gradient_clipping"] = cfg.train.grad_clip
     if ds.precision == "bf16":
         config["bf16"] = {"enabled": True}
+        # Accumulate micro-step gradients and reduce them across ranks in fp32: bf16's 8-bit mantissa loses small
+        # gradients over accumulation and W-way sums (ZeRO 1-3 only; config validation refuses ZeRO-0 with bf16).
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
+        config["communication_data_type"] = "fp32"
     elif ds.precision == "fp16":
         config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
     return config
@@ -69,7 +75,14 @@ def build_optimizer(params, cfg: Config) -> torch.optim.Optimizer:
         # The published IP recipe: a fixed lr, no relative step, no parameter scaling.
         return Adafactor(params, lr=opt.lr, weight_decay=opt.weight_decay, scale_parameter=False,
                          relative_step=False, warmup_init=False)
-    fused = cfg.scaling.use_gpu and torch.cuda.is_available()
+    if cfg.deepspeed.offload_optimizer and cfg.scaling.use_gpu:
+        # The optimizer steps on the host: DeepSpeed's vectorised CPU Adam (its op is pre-built in cluster/Dockerfile,
+        # else JIT-compiled once per node), the optimizer DeepSpeed requires for offload.
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps,
+                                weight_decay=opt.weight_decay, adamw_mode=True)
+    fused = cfg.scaling.use_gpu and torch.cuda.is_available() and not cfg.deepspeed.offload_optimizer
     return torch.optim.AdamW(params, lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps,
                              weight_decay=opt.weight_decay, fused=fused)
 

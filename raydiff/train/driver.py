@@ -20,12 +20,15 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig
 from ray.train.torch import TorchTrainer
 from ray._private.services import find_bootstrap_address  # where ray.init itself looks for a `ray start` cluster
 
-from raydiff import console, models, storage
+from raydiff import console, models, shape, storage
 from raydiff.config import Config, ConfigError, is_uri, load_config, run_dir, storage_path
 from raydiff.train import summary as summ
 from raydiff.train import tracking
 from raydiff.train.entry import train_loop_per_worker
 from raydiff.train.metrics_log import read_metrics
+
+
+SHAPE_STORAGE = "~/raydiff_runs/shape-checks"
 
 
 @dataclass
@@ -108,7 +111,8 @@ def encoder_spec(cfg: Config):
     m, d = cfg.model, cfg.data
     return EncoderSpec(pretrained=m.pretrained, mode=d.precompute, vae=m.vae, revision=m.revision, variant=m.variant,
                        text_dtype=str(PRECISION_DTYPES[cfg.deepspeed.precision]).removeprefix("torch."),
-                       concurrency=d.precompute_concurrency, num_gpus=d.precompute_num_gpus)
+                       concurrency=d.precompute_concurrency, num_gpus=d.precompute_num_gpus,
+                       zero_empty_prompt=models.zeros_for_empty_prompt(m.pretrained, m.revision))
 
 
 def with_precompute(cfg: Config, spec, tokenizer_path: str, manifest):
@@ -126,9 +130,30 @@ def with_precompute(cfg: Config, spec, tokenizer_path: str, manifest):
                                                         resolve_dir(cfg.data.cache_dir)))
 
 
+# Keys whose values change what a precompute cache holds (raydiff.data.precompute.fingerprint).
+CACHE_KEYS = ("data.", "model.", "train.seed", "deepspeed.precision")
+
+
+def prepare_precompute_cache(cfg: Config, workdir: str) -> None:
+    """Build (or find) the precompute cache before a sweep's trials start: every trial whose searched keys leave the
+    cache's fingerprint alone then reads it, instead of the first concurrent trials each encoding the whole dataset."""
+    import dataclasses
+
+    from raydiff.data import stats
+
+    if cfg.data.precompute == "none" or not cfg.data.cache_dir or \
+            any(key.startswith(CACHE_KEYS) for key in cfg.tune.search_space):
+        return
+    spec = data_spec(cfg)
+    manifest = run_manifest(spec, workdir)
+    spec = dataclasses.replace(spec, stats_actor=stats.create(manifest.num_rows, workdir))
+    with_precompute(cfg, spec, models.resolve_pretrained(cfg.model.pretrained), manifest)
+
+
 def resolve_dir(path: str) -> str:
-    """A local directory made absolute (Ray workers run elsewhere); URIs as they are."""
-    return path if is_uri(path) else os.path.abspath(os.path.expanduser(os.path.expandvars(path)))
+    """`$VARS` expanded (as in run.storage_path); a local directory made absolute (Ray workers run elsewhere)."""
+    path = os.path.expandvars(path)
+    return path if is_uri(path) else os.path.abspath(os.path.expanduser(path))
 
 
 def _ordered():
@@ -145,14 +170,15 @@ def build_trainer(cfg: Config, callbacks: list | None = None) -> TorchTrainer:
     from raydiff.data import stats
 
     spec = data_spec(cfg)
-    tokenizer_path = models.resolve_pretrained(cfg.model.pretrained)
+    tokenizer_path = models.model_ref(cfg.model.pretrained, cfg.model.revision)  # a name: each node has its own copy
     manifest = run_manifest(spec, run_dir(cfg))  # units and held-out rows, from metadata; every worker plans from it
     # Distinct-row counters shared by preprocessing tasks and training workers, kept in the run dir.
     stats_actor = stats.create(manifest.num_rows, run_dir(cfg))
     spec = dataclasses.replace(spec, stats_actor=stats_actor)
     print(f"[raydiff] data: {cfg.data.source or 'generated demo dataset'} ({manifest.format}): "
           f"{manifest.num_train} training rows, {manifest.num_val} validation rows, {len(manifest.unit_rows)} read "
-          "units", flush=True)
+          f"units; {cfg.train.max_steps} steps = {summ.epochs_of(cfg, max(manifest.num_train, 1)):.1f} epochs",
+          flush=True)
     val = validation_dataset(spec, tokenizer_path, manifest, stats_actor)
     spec = with_precompute(cfg, spec, tokenizer_path, manifest)
     data = {"spec": dataclasses.asdict(spec), "tokenizer_path": tokenizer_path, "manifest": manifest}
@@ -219,7 +245,7 @@ def validation_dataset(spec, tokenizer_path: str, manifest, stats_actor: str):
 
 def uses_object_store(cfg: Config) -> bool:
     """Whether workers open s3:// / gs:// paths themselves: run files, or a precompute cache read per epoch."""
-    return is_uri(storage_path(cfg)) or is_uri(cfg.data.cache_dir or "")
+    return is_uri(storage_path(cfg)) or is_uri(resolve_dir(cfg.data.cache_dir or ""))
 
 
 def prepare_run_dir(cfg: Config) -> str:
@@ -281,6 +307,9 @@ def parse_args(argv: list[str] | None, prog: str, description: str) -> argparse.
     parser.add_argument("--config", default=None, help="config NAME (configs/NAME.yaml) or PATH; default tiny_cpu")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config key; repeatable")
+    parser.add_argument("--shape-check", nargs="?", const=SHAPE_STORAGE, default=None, metavar="DIR",
+                        help="run the config on this machine's CPUs at toy size (tiny model, demo data, a few steps), "
+                             f"every other setting kept, into DIR (default {SHAPE_STORAGE}): see raydiff/shape.py")
     parser.add_argument("--verbose", action="store_true",
                         help=f"show every line Ray and the libraries print (also {console.VERBOSE_ENV}=1); by default "
                              "they go to Ray's log files only")
@@ -290,7 +319,10 @@ def parse_args(argv: list[str] | None, prog: str, description: str) -> argparse.
 def load_cli_config(argv: list[str] | None, prog: str, description: str) -> Config:
     args = parse_args(argv, prog, description)
     try:
-        return load_config(args.config, args.overrides)
+        if args.shape_check is None:
+            return load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, check=False)
+        return shape.in_shape(cfg, os.path.abspath(os.path.expanduser(args.shape_check)))
     except ConfigError as exc:
         print(f"{prog}: config error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -11,7 +11,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -24,13 +23,14 @@ import torch.distributed as dist
 from raydiff import console, models, objective, storage, validation
 from raydiff.config import Config, from_dict
 from raydiff.data import stats as data_stats
-from raydiff.data.precompute import LATENT_COLUMN
 from raydiff.data.stream import StreamPosition
 from raydiff.train import checkpoint as ckpt
-from raydiff.train.checkpoint import DS_TAG, EMA_FILE, STATE_FILE
+from raydiff.train.checkpoint import DS_TAG, STATE_FILE
 from raydiff.train.deepspeed_setup import (PRECISION_DTYPES, build_lr_scheduler, build_optimizer, deepspeed_config,
                                           initialize_engine)
+from raydiff.train.ema import ShardedEMA
 from raydiff.train.metrics_log import MetricsLog
+from raydiff.train.step import TrainStep, step_generator
 from raydiff.train.speed import apply_speed_settings
 
 
@@ -45,20 +45,7 @@ class TrainState:
     stream: dict = field(default_factory=dict)  # the data position: a raydiff.data.stream.StreamPosition
 
 
-@dataclass
-class Conditioning:
-    latents: torch.Tensor
-    prompt_embeds: torch.Tensor
-    pooled: torch.Tensor
-    time_ids: torch.Tensor
-
-
-def step_generator(device: torch.device, *keys: int) -> torch.Generator:
-    """A generator seeded from (seed, step, micro-step, rank, ...): randomness that needs no state to resume."""
-    seed = 0
-    for k in keys:
-        seed = (seed * 1_000_003 + int(k)) % (2**63 - 1)
-    return torch.Generator(device=device).manual_seed(seed)
+VAL_PREFIXES = ("val_loss", "exposure_bias")  # the validation metrics (Worker.validate)
 
 
 class Worker:
@@ -70,7 +57,7 @@ class Worker:
         self.device = ray.train.torch.get_device()
         self.dtype = PRECISION_DTYPES[cfg.deepspeed.precision]
         self.state = TrainState()
-        self.ema: dict[str, torch.Tensor] | None = None
+        self.ema: ShardedEMA | None = None
         self.last_gamma = cfg.objective.gamma
         self.data_stats: str | None = None  # the run's data counter actor (raydiff.data.stats)
         self.data_counts: dict[str, int] = {}  # its counters as of the last report
@@ -87,10 +74,9 @@ class Worker:
         encoder_dtype = self.dtype if self.dtype != torch.float16 else torch.float16
         comps = models.load_components(cfg.model.pretrained, vae=cfg.model.vae, revision=cfg.model.revision,
                                        variant=cfg.model.variant, text_encoder_dtype=encoder_dtype,
-                                       vae_dtype=torch.float32)
-        self.vae = comps.vae.to(self.device)
-        self.text_encoder = comps.text_encoder.to(self.device)
-        self.text_encoder_2 = comps.text_encoder_2.to(self.device)
+                                       vae_dtype=torch.float32, unet_dtype=self.dtype)
+        encoders = models.FrozenEncoders(comps.vae.to(self.device), comps.text_encoder.to(self.device),
+                                         comps.text_encoder_2.to(self.device))
         self.alphas_cumprod = comps.noise_scheduler.alphas_cumprod.to(self.device, torch.float32)
         self.num_train_timesteps = comps.noise_scheduler.config.num_train_timesteps
         self.prediction_type = cfg.objective.prediction_type or comps.noise_scheduler.config.prediction_type
@@ -104,8 +90,11 @@ class Worker:
         self.engine, _, _, self.lr_scheduler = initialize_engine(
             model=unet, optimizer=optimizer, lr_scheduler=build_lr_scheduler(optimizer, cfg),
             config=ds_config, dist_init_required=False)
-        if cfg.train.ema_decay is not None:  # ZeRO 0-2 only (config validation): module params are whole here
-            self.ema = {n: p.detach().float().clone() for n, p in self.engine.module.named_parameters()}
+        self.step = TrainStep(self.engine, encoders, self.alphas_cumprod, self.prediction_type, cfg.objective,
+                              cfg.objective.gamma_decay_steps or cfg.train.max_steps, self.dtype,
+                              models.zeros_for_empty_prompt(cfg.model.pretrained, cfg.model.revision))
+        if cfg.train.ema_decay is not None:  # of the fp32 masters, each rank its own slice (raydiff.train.ema)
+            self.ema = ShardedEMA(self.engine, cfg.train.ema_decay)
 
     def find_checkpoint(self) -> None:
         """The newest complete checkpoint, and whether it was written by another number of workers."""
@@ -115,20 +104,21 @@ class Worker:
         self.universal = saved_world not in (0, self.world)
         if self.universal and self.rank == 0:
             print(f"[raydiff] checkpoint written by {saved_world} workers, resuming on {self.world}: converting it to "
-                  "DeepSpeed's universal format", flush=True)
+                  "DeepSpeed's universal format (once, on rank 0)", flush=True)
 
     def restore(self) -> None:
         """Everything an unbroken run would have at this step: weights, optimizer, LR schedule, EMA, RNGs and the
         data position (so the next batch is the one the unbroken run would train on)."""
         checkpoint = self.checkpoint
         if checkpoint is not None:
-            with checkpoint.as_directory() as ckpt_dir, tempfile.TemporaryDirectory(prefix="raydiff-uni-") as tmp:
-                load_dir = ckpt.to_universal(ckpt_dir, tmp) if self.universal else ckpt_dir
+            # Only the files this rank reads; another world size is converted once, by rank 0 (train/checkpoint.py).
+            with ckpt.resume_dir(checkpoint, self.rank, self.world, universal=self.universal, barrier=dist.barrier,
+                                 elastic=self.engine.zero_elastic_checkpoint()) as (ckpt_dir, load_dir):
                 self.engine.load_checkpoint(load_dir, tag=DS_TAG)
                 with open(os.path.join(ckpt_dir, STATE_FILE)) as f:
                     self.state = TrainState(**json.load(f))
-                if self.ema is not None and os.path.exists(os.path.join(ckpt_dir, EMA_FILE)):
-                    self.ema = torch.load(os.path.join(ckpt_dir, EMA_FILE), map_location=self.device)
+                if self.ema is not None:
+                    self.ema.load(ckpt_dir)
                 if self.state.stream.get("world") == self.world:
                     ckpt.load_rng_state(ckpt_dir, self.rank)
         saved = StreamPosition(**self.state.stream) if self.state.stream else StreamPosition()
@@ -139,52 +129,14 @@ class Worker:
 
     # ------------------------------------------------------------ per-batch work
 
-    def encode(self, batch: dict, generator: torch.Generator) -> Conditioning:
-        """Frozen VAE and text encoders, no grad: pixels -> latents, token ids -> SDXL prompt embeddings. Whatever
-        a precompute stage already encoded (raydiff.data.precompute) is taken from the batch instead."""
-        with torch.no_grad():
-            if LATENT_COLUMN in batch:
-                moments = batch[LATENT_COLUMN].to(self.device, self.vae.dtype)
-            else:
-                moments = models.latent_moments(self.vae, batch["pixels"])
-            latents = models.sample_latents(moments, self.vae.config.scaling_factor, generator)
-            if "prompt_embeds" in batch:
-                prompt_embeds, pooled = batch["prompt_embeds"].to(self.device), batch["pooled"].to(self.device)
-            else:
-                prompt_embeds, pooled = models.encode_prompt(
-                    self.text_encoder, self.text_encoder_2,
-                    batch["input_ids"].to(self.device), batch["input_ids_2"].to(self.device))
-        return Conditioning(latents, prompt_embeds, pooled, batch["time_ids"].to(self.device, torch.float32))
-
-    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        added = {"text_embeds": cond.pooled.to(self.dtype), "time_ids": cond.time_ids.to(self.dtype)}
-        return self.engine(noisy.to(self.dtype), timesteps, encoder_hidden_states=cond.prompt_embeds.to(self.dtype),
-                           added_cond_kwargs=added, return_dict=False)[0]
-
-    def gamma(self, batch_size: int, generator: torch.Generator) -> float | torch.Tensor:
-        o = self.cfg.objective
-        return objective.gamma_at(o.gamma_schedule, o.gamma, self.state.step,
-                                  o.gamma_decay_steps or self.cfg.train.max_steps, batch_size, o.gamma_per_sample,
-                                  generator)
-
     def train_micro_step(self, batch: dict, micro: int) -> torch.Tensor:
-        o = self.cfg.objective
         gen = step_generator(self.device, self.cfg.train.seed, self.state.step, micro, self.rank)
-        cond = self.encode(batch, gen)
-        gamma = self.gamma(cond.latents.shape[0], gen)
-        self.last_gamma = gamma.mean() if isinstance(gamma, torch.Tensor) else gamma  # no host sync: read at log time
-        noised = objective.make_training_batch(cond.latents, self.alphas_cumprod, self.prediction_type, gamma, gen,
-                                               noise_offset=o.noise_offset)
-        weights = None if o.snr_gamma is None else objective.min_snr_weights(
-            noised.timesteps, self.alphas_cumprod, o.snr_gamma, self.prediction_type)
-        loss = objective.weighted_loss(self.predict(noised.noisy, noised.timesteps, cond), noised, weights)
-        self.engine.backward(loss)
-        self.engine.step()
-        return loss.detach()
+        loss, self.last_gamma = self.step(batch, self.state.step, gen)  # gamma: read at log time (no host sync)
+        return loss
 
     def update_ema(self) -> None:
         if self.ema is not None:
-            objective.ema_update_(self.ema, dict(self.engine.module.named_parameters()), self.cfg.train.ema_decay)
+            self.ema.update()
 
     # ------------------------------------------------------------ validation
 
@@ -192,7 +144,7 @@ class Worker:
         """Encode the held-out split once (frozen encoders, fixed generator); every validation reuses it."""
         gen = step_generator(self.device, self.cfg.validation.seed)
         shard = ray.train.get_dataset_shard("val")
-        self.val_batches = [self.encode(b, gen) for b in shard.iter_torch_batches(batch_size=self.cfg.validation.batch_size)]
+        self.val_batches = [self.step.encode(b, gen) for b in shard.iter_torch_batches(batch_size=self.cfg.validation.batch_size)]
         if not self.val_batches:
             raise data_stats.no_data_error(self.data_stats, "validation")
 
@@ -214,11 +166,11 @@ class Worker:
                     ts = torch.full((cond.latents.shape[0],), t, dtype=torch.long, device=self.device)
                     noised = objective.make_training_batch(cond.latents, self.alphas_cumprod, self.prediction_type,
                                                            0.0, gen, timesteps=ts)
-                    losses = objective.mse_per_sample(self.predict(noised.noisy, ts, cond), noised.target)
+                    losses = objective.mse_per_sample(self.step.predict(noised.noisy, ts, cond), noised.target)
                     sums[row] += torch.stack([losses.sum().double(), torch.tensor(float(losses.numel()), dtype=torch.float64, device=self.device)]) * weight
                 if v.sample_steps:
                     moments += weight * validation.exposure_bias_moments(
-                        self.predict, cond.latents, cond, self.alphas_cumprod, self.prediction_type, v.sample_steps,
+                        self.step.predict, cond.latents, cond, self.alphas_cumprod, self.prediction_type, v.sample_steps,
                         v.eps_scale, step_generator(self.device, v.seed, index, -1))
         self.engine.train()
         dist.all_reduce(sums)
@@ -249,12 +201,13 @@ class Worker:
 
         c, unet = self.comps, self.engine.module
         scheduler = EulerDiscreteScheduler.from_config(c.noise_scheduler.config, prediction_type=self.prediction_type)
-        pipe = StableDiffusionXLPipeline(vae=self.vae, text_encoder=self.text_encoder,
-                                         text_encoder_2=self.text_encoder_2, tokenizer=c.tokenizer,
+        e = self.step.encoders
+        pipe = StableDiffusionXLPipeline(vae=e.vae, text_encoder=e.text_encoder, text_encoder_2=e.text_encoder_2,
+                                         tokenizer=c.tokenizer,
                                          tokenizer_2=c.tokenizer_2, unet=unet, scheduler=scheduler,
                                          add_watermarker=False)
         pipe.set_progress_bar_config(disable=True)
-        was_training, dtype = unet.training, unet.dtype
+        was_training = unet.training
         unet.eval()
         try:
             grid = validation.render_grid(pipe, v.prompts, v.image_steps, v.seed, v.eps_scale, self.prediction_type)
@@ -283,7 +236,8 @@ class Worker:
     # ------------------------------------------------------------ checkpoint and report
 
     def report(self, metrics: dict, with_checkpoint: bool) -> None:
-        """Every rank reports (a barrier); with a checkpoint, every rank saves its DeepSpeed shards first."""
+        """Every rank reports (a barrier); with a checkpoint, every rank first saves its DeepSpeed shards to local disk,
+        uploaded in the background (raydiff.train.checkpoint.report)."""
         if not with_checkpoint:
             ray.train.report(metrics)
             return
@@ -291,20 +245,22 @@ class Worker:
         dist.all_gather_object(places, (self.stream.consumed[self.rank], self.stream.emitted[self.rank]))
         self.state.stream = dataclasses.asdict(dataclasses.replace(
             self.stream, consumed=[c for c, _ in places], emitted=[list(e) for _, e in places]))
-        tmp = tempfile.mkdtemp(prefix="raydiff-ckpt-")
+        tmp = ckpt.staging_dir()  # after this rank's previous upload: one in flight at most
         try:
             self.engine.save_checkpoint(tmp, tag=DS_TAG)
             if self.rank == 0:
                 with open(os.path.join(tmp, STATE_FILE), "w") as f:
                     json.dump(dataclasses.asdict(self.state), f)
-                if self.ema is not None:
-                    torch.save(self.ema, os.path.join(tmp, EMA_FILE))
+            if self.ema is not None:
+                self.ema.save(tmp)
             ckpt.save_rng_state(tmp, self.rank)
             ckpt.write_manifest(tmp, self.rank)
-            dist.barrier()
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        finally:
+        except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        # Ray's upload thread uploads and deletes it while training goes on; the run's last checkpoint is waited for,
+        # so that nothing after it (the export) can fail before it is safe.
+        ckpt.report(metrics, tmp, wait=self.state.step >= self.cfg.train.max_steps)
 
     # ------------------------------------------------------------ the loop
 
@@ -356,15 +312,22 @@ class Worker:
             if log is not None:
                 log.append(metrics)
                 self.print_progress(metrics, run_start, start_step)
-            if is_last:  # before the last report: a Tune scheduler may stop the trial as soon as it sees max_steps
-                self.export()
+            if is_last:
+                self.finish(metrics)
+                return
             if do_report:
                 self.report(metrics, with_checkpoint=do_ckpt)
             # samples_per_s measures training only, not validation or checkpoint time.
             window_start, window_steps = time.perf_counter(), 0
-            if is_last:
-                return
         raise data_stats.no_data_error(self.data_stats, "train")  # the stream ended: every row of an epoch was bad
+
+    def finish(self, metrics: dict) -> None:
+        """The last step: the checkpoint first (a failing export then resumes from it and only exports again), then
+        the export, then the full metrics. The checkpoint's report leaves out the validation metrics on purpose: a
+        Tune scheduler acts on reports with val_loss and could stop the trial at max_steps before the export."""
+        self.report({k: v for k, v in metrics.items() if not k.startswith(VAL_PREFIXES)}, with_checkpoint=True)
+        self.export()
+        ray.train.report(metrics)
 
     def train_batches(self):
         """(torch batch, rows consumed, epoch) from this rank's seeded stream, from the restored data position."""
@@ -407,10 +370,11 @@ class Worker:
     def export(self) -> None:
         from raydiff.export import export_pipeline, gather_fp32_state_dict
 
-        state_dict = gather_fp32_state_dict(self.engine)  # collective: every rank takes part
+        # Collectives: every rank takes part. With EMA, the export holds the EMA weights (buffers: the live module's).
+        state_dict = gather_fp32_state_dict(self.engine, params=self.ema is None)
+        ema_weights = self.ema.full_state_dict() if self.ema is not None else None
         if self.rank == 0:
-            if self.ema is not None:  # the export holds the EMA weights (buffers come from the live module)
-                state_dict.update({n: t.detach().cpu().clone() for n, t in self.ema.items()})
+            state_dict.update(ema_weights or {})
             path = export_pipeline(self.cfg, state_dict, self.engine.module.config, self.prediction_type,
                                    storage.join(self.run_dir, "final"), info={"ema": self.ema is not None,
                                                                                "ema_decay": self.cfg.train.ema_decay})

@@ -55,7 +55,7 @@ def plot_loss_curve(rows: list[dict], path: str) -> str:
     return path
 
 
-def _render_grid(model_dir: str, prompts: list[str], steps: int, seed: int, cloud_env: dict[str, str],
+def _render_grid(model_dir: str, prompts: list[str], steps: int, seed: int, size: int, cloud_env: dict[str, str],
                  verbose: bool):
     from raydiff.generate import generate, image_grid
 
@@ -66,7 +66,7 @@ def _render_grid(model_dir: str, prompts: list[str], steps: int, seed: int, clou
 
     with tempfile.TemporaryDirectory() as tmp:
         local = storage.download_dir(model_dir, os.path.join(tmp, "model")) if is_uri(model_dir) else model_dir
-        return image_grid(generate(local, prompts, steps=steps, seed=seed))
+        return image_grid(generate(local, prompts, steps=steps, seed=seed, height=size, width=size))
 
 
 _sample_grid_task = ray.remote(num_cpus=1)(_render_grid)
@@ -75,13 +75,19 @@ _sample_grid_task = ray.remote(num_cpus=1)(_render_grid)
 def sample_grid(cfg: Config, model_dir: str):
     """The end-of-run grid: a GPU run renders where a GPU is (not on a CPU-only head node); a CPU run renders here,
     without starting (and importing diffusers into) another Ray worker process."""
-    args = (model_dir, cfg.logging.sample_prompts, cfg.logging.sample_steps, cfg.train.seed, storage.cloud_env(),
-            console.is_verbose())
+    # At the training resolution: what the run learned, not the model's native size (1024 px for a tiny model too).
+    args = (model_dir, cfg.logging.sample_prompts, cfg.logging.sample_steps, cfg.train.seed, cfg.data.resolution,
+            storage.cloud_env(), console.is_verbose())
     if not cfg.scaling.use_gpu:
         return _render_grid(*args)
     # DEFAULT scheduling: inside a Tune trial the task must not be captured by the trial's tiny placement group.
     task = _sample_grid_task.options(num_gpus=cfg.scaling.gpus_per_worker, scheduling_strategy="DEFAULT")
     return ray.get(task.remote(*args))
+
+
+def epochs_of(cfg: Config, train_rows: int) -> float:
+    """How many passes over `train_rows` the run's max_steps make at its global batch."""
+    return cfg.train.max_steps * cfg.train.batch_size * cfg.train.grad_accum * cfg.scaling.num_workers / train_rows
 
 
 def format_start(cfg: Config, run_dir: str) -> str:

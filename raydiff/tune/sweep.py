@@ -14,7 +14,7 @@ from ray import tune
 
 from raydiff import storage
 from raydiff.config import Config, from_dict, run_dir, set_value, storage_path, validate
-from raydiff.train.driver import init_ray, load_cli_config, run_cpus, run_training
+from raydiff.train.driver import init_ray, load_cli_config, prepare_precompute_cache, run_cpus, run_training
 from raydiff.tune import asha
 from raydiff.tune.report import write_sweep_outputs
 
@@ -122,6 +122,7 @@ def run_sweep(cfg: Config):
     sweep_dir = run_dir(cfg)
     storage.makedirs(sweep_dir)
     storage.write_text(storage.join(sweep_dir, "sweep_config.yaml"), cfg.to_yaml())
+    prepare_precompute_cache(cfg, sweep_dir)
     build_tuner(cfg, sweep_dir).fit()
     return write_sweep_outputs(cfg, sweep_dir, trial_runs_dir(sweep_dir), expected_trials(cfg))
 
