@@ -53,6 +53,7 @@ SCRIPT = textwrap.dedent("""
         ckpt = os.path.join(out, f"zero{stage}-{precision}-{offload}")
         os.makedirs(ckpt, exist_ok=True)
         ema.save(ckpt)
+        dist.barrier()  # every shard written before any is read
         reloaded = ShardedEMA(engine, 0.5)
         reloaded.load(ckpt)
         same = all(torch.equal(reloaded.slices[n][1], ema.slices[n][1]) for n in ema.slices)
@@ -99,8 +100,8 @@ def two_rank_run(tmp_path_factory):
                                                                              "LOCAL_RANK": str(r)},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
     outputs = [p.communicate(timeout=300) for p in procs]
-    for p, (stdout, stderr) in zip(procs, outputs):
-        assert p.returncode == 0, stderr[-4000:]
+    failed = [f"rank {r}: {stderr[-3000:]}" for r, (p, (_, stderr)) in enumerate(zip(procs, outputs)) if p.returncode]
+    assert not failed, "\n".join(failed)
     import json
 
     line = next(x for x in outputs[0][0].splitlines() if x.startswith("RESULTS"))

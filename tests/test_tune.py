@@ -241,7 +241,8 @@ def test_every_trial_is_in_results_with_its_parameters(sweep):
     for r in rows:  # the trial really trained with its parameters
         records = read_metrics(str(sweep["dir"] / "runs" / r["trial_id"] / "metrics.jsonl"))
         assert {rec["gamma"] for rec in records} == {float(r["objective.gamma"])}
-        assert max(rec["step"] for rec in records) == int(r["steps"])
+        # An ASHA-stopped trial's rank 0 may log the step it was in when the stop arrived, after results were written.
+        assert int(r["steps"]) <= max(rec["step"] for rec in records) <= int(r["steps"]) + (r["status"] != "completed")
         assert {rec["lr"] for rec in records if "lr" in rec} == {float(r["optim.lr"])}
     table = (sweep["dir"] / "results.md").read_text().splitlines()
     assert len(table) == 2 + 4 and all(line.startswith("| ") for line in table)  # header, separator, 4 trials

@@ -82,7 +82,12 @@ class ShardedEMA:
     def load(self, ckpt_dir: str) -> bool:
         """Take this rank's slices from the saved shards, whatever world size wrote them (or from a whole legacy
         shadow). Reads the files memory-mapped: only the bytes of the slices this rank needs are paged in."""
-        sources = _saved_pieces(ckpt_dir)
+        own = os.path.join(ckpt_dir, EMA_SHARD.format(self.rank))
+        saved = torch.load(own, mmap=True, weights_only=True) if os.path.exists(own) else None
+        if saved is not None and saved["world"] == self.world:  # the same layout: this rank's own shard holds it all
+            sources = [{name: [piece] for name, piece in saved["slices"].items()}]
+        else:
+            sources = _saved_pieces(ckpt_dir)
         if sources is None:
             return False
         for name, (start, tensor) in self.slices.items():
