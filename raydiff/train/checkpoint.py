@@ -39,6 +39,8 @@ import numpy as np
 import pyarrow.fs as pafs
 import torch
 
+from raydiff.train.deepspeed_setup import DEEPSPEED_CHECKED, deepspeed_checked
+
 DS_TAG = "deepspeed"  # one DeepSpeed tag per Ray checkpoint directory
 STATE_FILE = "trainer_state.json"
 EMA_FILE = "ema_unet.pt"  # a whole fp32 EMA shadow written by rank 0 (checkpoints from before the sharded EMA)
@@ -297,21 +299,11 @@ def to_universal(ckpt_dir: str, out_dir: str) -> str:
 
 # ---------------------------------------------------------------- which files a rank reads (DeepSpeed's layout)
 
-# DeepSpeed versions whose checkpoint layout and load paths (runtime/engine.py `load_checkpoint`) rank_files was
-# checked against: [from, to). Outside it a rank reads the whole checkpoint: slower, never wrong.
-DS_LAYOUT_CHECKED = ((0, 14), (0, 20))
 # (bf16_)zero_pp_rank_{r}_mp_rank_{m}_optim_states.pt (ZeRO 1-3, and the older "..._{m}optim_states.pt"), and
 # ZeRO-3's zero_pp_rank_{r}_mp_rank_{m}_model_states.pt: data-parallel rank r's shard.
 _DP_SHARD = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_?(optim|model)_states\.pt")
 # Written but never read by a load with an explicit tag: DeepSpeed's tag pointers and its offline conversion scripts.
 _NOT_READ = {"latest", "latest_universal", "zero_to_fp32.py", "zero_to_torch.py"}
-
-
-def _layout_checked() -> bool:
-    import deepspeed
-
-    version = tuple(int(p) for p in re.findall(r"\d+", deepspeed.__version__)[:2])
-    return DS_LAYOUT_CHECKED[0] <= version < DS_LAYOUT_CHECKED[1]
 
 
 def rank_files(names, rank: int, same_world: bool = True, elastic: bool = False) -> list[str]:
@@ -327,7 +319,7 @@ def rank_files(names, rank: int, same_world: bool = True, elastic: bool = False)
     every rank; ZeRO-3 model states of partition 0 only), every EMA shard (a rank's new slice spans old ones), no RNG.
     A file it does not recognise is read (never a missing file); manifests are read on the storage, not copied."""
     names = list(names)
-    if not _layout_checked():
+    if not deepspeed_checked():  # outside the checked layouts a rank reads the whole checkpoint: slower, never wrong
         _warn_layout_once()
         return [n for n in names if not _is_manifest(posixpath.basename(n)) and not _is_manifest(n)]
     return [n for n in names if _reads(n, rank, same_world, elastic)]
@@ -363,8 +355,9 @@ def _warn_layout_once() -> None:
     if "layout" not in _warned:
         _warned.add("layout")
         print(f"[raydiff] WARNING: DeepSpeed {deepspeed.__version__} is outside the versions whose checkpoint layout "
-              f"raydiff knows ({DS_LAYOUT_CHECKED}): each rank reads the whole checkpoint on resume. Run "
-              "tests/test_checkpoint.py against it and widen DS_LAYOUT_CHECKED.", flush=True)
+              f"raydiff knows ({DEEPSPEED_CHECKED}): each rank reads the whole checkpoint on resume. Run "
+              "tests/test_checkpoint.py against it and widen raydiff.train.deepspeed_setup.DEEPSPEED_CHECKED.",
+              flush=True)
 
 
 # ---------------------------------------------------------------- resuming: per-rank copies, convert once

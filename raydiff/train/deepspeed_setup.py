@@ -10,6 +10,20 @@ from raydiff.config import Config
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
+# DeepSpeed versions [from, to) whose private layouts raydiff reads were checked against: the ZeRO-1/2 fragment map
+# (`param._hp_mapping`, raydiff.train.ema) and the checkpoint files each rank loads (raydiff.train.checkpoint.rank_files).
+# tests/test_ema.py and tests/test_checkpoint.py check both on real engines; widen the range after running them.
+DEEPSPEED_CHECKED = ((0, 14), (0, 20))
+
+
+def deepspeed_checked() -> bool:
+    import re
+
+    import deepspeed
+
+    version = tuple(int(p) for p in re.findall(r"\d+", deepspeed.__version__)[:2])
+    return DEEPSPEED_CHECKED[0] <= version < DEEPSPEED_CHECKED[1]
+
 
 def deepspeed_config(cfg: Config, world_size: int) -> dict:
     ds = cfg.deepspeed

@@ -137,17 +137,25 @@ CACHE_KEYS = ("data.", "model.", "train.seed", "deepspeed.precision")
 def prepare_precompute_cache(cfg: Config, workdir: str) -> None:
     """Build (or find) the precompute cache before a sweep's trials start: every trial whose searched keys leave the
     cache's fingerprint alone then reads it, instead of the first concurrent trials each encoding the whole dataset."""
+    if cfg.data.precompute == "none" or not cfg.data.cache_dir or \
+            any(key.startswith(CACHE_KEYS) for key in cfg.tune.search_space):
+        return
+    spec, manifest, tokenizer_path = run_data(cfg, workdir)
+    with_precompute(cfg, spec, tokenizer_path, manifest)
+
+
+def run_data(cfg: Config, workdir: str):
+    """(data spec with its counter actor, source manifest, tokenizer model name) of a run, or a sweep, kept in
+    `workdir`: the manifest holds the units and held-out rows (from metadata; every worker plans from it), the counter
+    actor the distinct-row counters shared by preprocessing tasks and training workers."""
     import dataclasses
 
     from raydiff.data import stats
 
-    if cfg.data.precompute == "none" or not cfg.data.cache_dir or \
-            any(key.startswith(CACHE_KEYS) for key in cfg.tune.search_space):
-        return
     spec = data_spec(cfg)
     manifest = run_manifest(spec, workdir)
     spec = dataclasses.replace(spec, stats_actor=stats.create(manifest.num_rows, workdir))
-    with_precompute(cfg, spec, models.resolve_pretrained(cfg.model.pretrained), manifest)
+    return spec, manifest, models.model_ref(cfg.model.pretrained, cfg.model.revision)  # a name: each node resolves it
 
 
 def resolve_dir(path: str) -> str:
@@ -167,14 +175,8 @@ def build_trainer(cfg: Config, callbacks: list | None = None) -> TorchTrainer:
     """A TorchTrainer for one run; `run.name` + `run.storage_path` identify it, so relaunching resumes it."""
     import dataclasses
 
-    from raydiff.data import stats
-
-    spec = data_spec(cfg)
-    tokenizer_path = models.model_ref(cfg.model.pretrained, cfg.model.revision)  # a name: each node has its own copy
-    manifest = run_manifest(spec, run_dir(cfg))  # units and held-out rows, from metadata; every worker plans from it
-    # Distinct-row counters shared by preprocessing tasks and training workers, kept in the run dir.
-    stats_actor = stats.create(manifest.num_rows, run_dir(cfg))
-    spec = dataclasses.replace(spec, stats_actor=stats_actor)
+    spec, manifest, tokenizer_path = run_data(cfg, run_dir(cfg))
+    stats_actor = spec.stats_actor
     print(f"[raydiff] data: {cfg.data.source or 'generated demo dataset'} ({manifest.format}): "
           f"{manifest.num_train} training rows, {manifest.num_val} validation rows, {len(manifest.unit_rows)} read "
           f"units; {cfg.train.max_steps} steps = {summ.epochs_of(cfg, max(manifest.num_train, 1)):.1f} epochs",

@@ -17,19 +17,19 @@ import os
 import torch
 import torch.distributed as dist
 
+from raydiff.train.deepspeed_setup import DEEPSPEED_CHECKED, deepspeed_checked
+
 EMA_SHARD = "ema_rank{}.pt"  # one per rank: {"world", "numel": {name: n}, "slices": {name: (start, fp32 tensor)}}
 LEGACY_EMA = "ema_unet.pt"  # a whole {name: tensor} shadow written by rank 0 (checkpoints from before sharding)
-TESTED_DEEPSPEED = ((0, 14), (0, 20))  # [from, to): versions whose ZeRO-1/2 `_hp_mapping` layout was checked
 
 
 def _check_deepspeed_version() -> None:
-    import deepspeed
+    if not deepspeed_checked():
+        import deepspeed
 
-    version = tuple(int(p) for p in deepspeed.__version__.split(".")[:2])
-    if not TESTED_DEEPSPEED[0] <= version < TESTED_DEEPSPEED[1]:
         raise RuntimeError(f"raydiff's sharded EMA reads DeepSpeed's private ZeRO-1/2 fragment map, checked on "
-                           f"DeepSpeed {TESTED_DEEPSPEED[0]}..{TESTED_DEEPSPEED[1]} (exclusive); found "
-                           f"{deepspeed.__version__}. Run tests/test_ema.py against it and widen TESTED_DEEPSPEED.")
+                           f"DeepSpeed {DEEPSPEED_CHECKED} [from, to); found {deepspeed.__version__}. Run "
+                           "tests/test_ema.py against it and widen raydiff.train.deepspeed_setup.DEEPSPEED_CHECKED.")
 
 
 def _fragment(param: torch.nn.Parameter, rank: int) -> tuple[int, torch.Tensor] | None:

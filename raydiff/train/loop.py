@@ -352,9 +352,7 @@ class Worker:
     def gamma_now(self) -> float:
         """The gamma the schedule gives at the current step (random_strength: its mean, gamma / 2)."""
         o = self.cfg.objective
-        if o.gamma_schedule == "random_strength":
-            return o.gamma / 2
-        return objective.gamma_at(o.gamma_schedule, o.gamma, self.state.step, o.gamma_decay_steps or self.cfg.train.max_steps)
+        return o.gamma / 2 if o.gamma_schedule == "random_strength" else float(self.step.gamma(self.state.step))
 
     def print_progress(self, m: dict, run_start: float, start_step: int) -> None:
         """One line per logged step (`train.log_every_n_steps`): a steady cadence; val_loss only when just computed."""
