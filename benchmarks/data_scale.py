@@ -5,7 +5,7 @@
     python benchmarks/data_scale.py --before 099cc3c --json docs/scaling_raw.json   # and the code before, side by side
 
 Each of the W streams runs where a training worker would (an actor per rank, spread over the nodes) and iterates
-``raydiff.data.pipeline.planned_batches`` exactly as ``Worker.train_batches`` does: one Ray Data execution over its
+``raydiff.data.loader.planned_batches`` exactly as ``Worker.train_batches`` does: one Ray Data execution over its
 read chunks, preprocessing (decode, crop, flip, both tokenizers) in Ray Data tasks, batches of ``--batch`` rows,
 for ``--epochs`` epochs' worth of rows. Every byte of the source is read through ``raydiff.data.iostats``'s counting
 filesystem (any process, any node), so "read" is what the readers really fetched, start-up included: listing, parquet
@@ -87,17 +87,17 @@ def stream_actor():
     class Stream:
         """A training worker's data side: its planned batches, with a stand-in training step between them."""
 
-        def run(self, spec: dict, tokenizer: str, manifest, world: int, rank: int, batch: int, rows: int,
+        def run(self, spec, tokenizer: str, manifest, world: int, rank: int, batch: int, rows: int,
                 step_s: float, before_sink: str | None = None) -> dict:
-            from raydiff.data.pipeline import DataSpec, planned_batches
+            from raydiff.data.loader import planned_batches
             from raydiff.data.stream import StreamPosition
 
             pos = StreamPosition(0, world, batch, [0] * world)
             if before_sink:  # the code before this change: its stream took the training identities
                 count_reads_of_storage(before_sink)
-                stream = planned_batches(DataSpec(**spec), tokenizer, manifest, pos, rank, batch)
+                stream = planned_batches(spec, tokenizer, manifest, pos, rank, batch)
             else:
-                stream = planned_batches(DataSpec(**spec), tokenizer, manifest, pos, rank, batch, rows_needed=rows)
+                stream = planned_batches(spec, tokenizer, manifest, pos, rank, batch, rows_needed=rows)
             start = time.perf_counter()
             gaps, epochs, first = [], [], None
             last = start
@@ -120,18 +120,18 @@ def stream_actor():
 
 
 def measure(args, world: int, source: str, tokenizer: str, sink: str) -> dict:
-    import dataclasses
-
     import pyarrow.fs as pafs
     import ray
 
     from raydiff.data.iostats import bytes_read, counting_filesystem, reset
+    from raydiff.config import DataSection
     from raydiff.data.pipeline import DataSpec
 
     reset(sink)
     before = args.as_before
     window = {} if before else {"shuffle_window": args.window}
-    spec = DataSpec(source=source, resolution=args.resolution, val_fraction=0.0, batch_size=args.batch, **window)
+    spec = DataSpec(DataSection(source=source, resolution=args.resolution, val_fraction=0.0, **window),
+                    batch_size=args.batch)
     t0 = time.perf_counter()
     if before:  # an index pass over the source
         from raydiff.data.pipeline import index_source
@@ -150,7 +150,7 @@ def measure(args, world: int, source: str, tokenizer: str, sink: str) -> dict:
     rows = args.epochs * num_train // world
     Stream = stream_actor()
     actors = [Stream.options(scheduling_strategy="SPREAD").remote() for _ in range(world)]
-    runs = ray.get([a.run.remote(dataclasses.asdict(spec), tokenizer, manifest, world, r, args.batch, rows,
+    runs = ray.get([a.run.remote(spec, tokenizer, manifest, world, r, args.batch, rows,
                                  args.step_ms / 1000, sink if before else None) for r, a in enumerate(actors)])
     for a in actors:
         ray.kill(a)

@@ -1,16 +1,21 @@
 """Toy-scale evidence for Input Perturbation: does IP lower exposure bias and the sample distance here?
 
     PYTHONPATH=. python benchmarks/ip_effect.py [--steps 300] [--seeds 0 1 2] [--out docs/ip_effect_raw.json]
+    PYTHONPATH=. python benchmarks/ip_effect.py --dry-run --out out.json   # toy size: 2 steps per setting
 
 Tiny random-init SDXL on the generated demo data. Each run trains the UNet for the same number of steps with one
-objective setting (gamma 0; gamma 0.1 constant / linear_decay / random_strength) and seed, then measures with the
-functions the training loop uses (`raydiff.objective`, `raydiff.validation`):
+objective setting (gamma 0; gamma 0.1 constant / linear_decay / random_strength) and seed. It measures raydiff's
+step: every step is `raydiff.train.step.TrainStep`, built by `TrainStep.build` from the tiny config with that
+objective section, fed batches as a latents precompute stage feeds them (VAE moments, a fresh latent sample per
+step, text embeddings). It then measures with the functions the training loop's validation uses
+(`TrainStep.predict`, `raydiff.objective`, `raydiff.validation`):
   * val_loss: unperturbed (gamma 0), fixed timesteps and noise, held-out images;
   * exposure_bias: mean delta_t of a 10-step DDIM chain started from forward-noised held-out latents;
   * fid_latent: Fréchet distance between generated latents (same DDIM chain from pure noise, training captions) and
     the real latents of the whole dataset, on 2x2-average-pooled latents (64 features).
-To fit a 2-core CPU budget the runs skip Ray and DeepSpeed: one process, plain AdamW, latents and text embeddings
-encoded once. The objective code path is the same; the distributed machinery is tested elsewhere.
+To fit a 2-core CPU budget the runs skip Ray and DeepSpeed: one process, TrainStep around a `PlainEngine` (raydiff's
+AdamW, grad clipping 1.0, no DeepSpeed), latent moments and text embeddings encoded once. The step is the same; the
+distributed machinery is tested elsewhere.
 """
 
 from __future__ import annotations
@@ -28,8 +33,12 @@ import torch
 import torch.nn.functional as F
 
 from raydiff import models, objective, validation
+from raydiff.config import Config, DataSection, load_config
 from raydiff.data.demo import ensure_demo_dataset
 from raydiff.data.pipeline import Preprocessor, row_keys
+from raydiff.data.precompute import LATENT_COLUMN
+from raydiff.train.deepspeed_setup import build_lr_scheduler, build_optimizer
+from raydiff.train.step import Conditioning, PlainEngine, TrainStep
 
 CONFIGS = {  # name -> (gamma, schedule)
     "gamma=0": (0.0, "constant"),
@@ -38,69 +47,83 @@ CONFIGS = {  # name -> (gamma, schedule)
     "gamma=0.1 random_strength": (0.1, "random_strength"),
 }
 VAL_TIMESTEPS = [125, 375, 625, 875]
+DRY_RUN = dict(steps=2, seeds=[0], batch=2, num_images=16, num_val=4, num_gen=4, chain_steps=1)
 
 
 def encode_dataset(comps, path: str, num_val: int):
-    """(train, val) dicts of latents, prompt embeddings, pooled embeddings and time_ids, encoded once."""
+    """(train, val) dicts of latent moments, latents (the moments' mean, scaled), prompt embeddings, pooled
+    embeddings and time_ids, encoded once."""
     table = pq.read_table(sorted(glob.glob(f"{path}/*.parquet")))
-    prep = Preprocessor(models.resolve_pretrained("tiny"), resolution=64, center_crop=True, random_flip=False)
+    prep = Preprocessor(models.resolve_pretrained("tiny"), DataSection(resolution=64, center_crop=True,
+                                                                       random_flip=False))
     rows = prep(table)
     order = np.argsort(row_keys(table, "image"))  # held-out = smallest crc32 keys, like the pipeline's split
     with torch.no_grad():
-        pixels = torch.as_tensor(rows["pixels"]).float() / 127.5 - 1
-        latents = comps.vae.encode(pixels).latent_dist.mean * comps.vae.config.scaling_factor
+        moments = models.latent_moments(comps.vae, torch.as_tensor(rows["pixels"]))  # what a latent cache stores
+        latents = moments.chunk(2, dim=1)[0] * comps.vae.config.scaling_factor  # the distribution's mean
         embeds, pooled = models.encode_prompt(comps.text_encoder, comps.text_encoder_2, rows["input_ids"],
                                               rows["input_ids_2"])
-    data = {"latents": latents, "embeds": embeds, "pooled": pooled, "time_ids": torch.as_tensor(rows["time_ids"])}
+    data = {"moments": moments, "latents": latents, "embeds": embeds, "pooled": pooled,
+            "time_ids": torch.as_tensor(rows["time_ids"])}
     pick = lambda idx: {k: v[torch.as_tensor(idx)] for k, v in data.items()}  # noqa: E731
     return pick(order[num_val:]), pick(order[:num_val])
 
 
-def predictor(unet, split: dict):
-    def predict(noisy, timesteps, idx):
-        added = {"text_embeds": split["pooled"][idx], "time_ids": split["time_ids"][idx]}
-        return unet(noisy, timesteps, encoder_hidden_states=split["embeds"][idx], added_cond_kwargs=added,
-                    return_dict=False)[0]
-    return predict
+def conditioning(split: dict, idx: torch.Tensor) -> Conditioning:
+    """Rows `idx` of a split as TrainStep.encode returns them (the latents: the moments' mean)."""
+    return Conditioning(split["latents"][idx], split["embeds"][idx], split["pooled"][idx], split["time_ids"][idx])
 
 
-def train(comps, train_split, gamma, schedule, seed, steps, batch, lr):
+def run_config(gamma: float, schedule: str, steps: int, batch: int, lr: float) -> Config:
+    """The tiny config with this objective setting; the optimizer settings pinned (AdamW, constant lr)."""
+    return load_config("tiny_cpu", [f"objective.gamma={gamma}", f"objective.gamma_schedule={schedule}",
+                                    "objective.gamma_decay_steps=0", f"train.max_steps={steps}",
+                                    f"train.batch_size={batch}", "train.grad_clip=1.0", "deepspeed.precision=fp32",
+                                    "optim.optimizer=adamw", f"optim.lr={lr}", "optim.weight_decay=0.01",
+                                    "optim.lr_scheduler=constant", "optim.warmup_steps=0"])
+
+
+def train(comps, train_split, gamma, schedule, seed, steps, batch, lr) -> TrainStep:
+    """`steps` TrainStep calls on a fresh copy of the UNet; the generator draws each batch's rows, then the step's
+    latent sample, gamma and noise."""
+    cfg = run_config(gamma, schedule, steps, batch, lr)
     unet = copy.deepcopy(comps.unet).train()
-    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-2)
-    ac = comps.noise_scheduler.alphas_cumprod.float()
+    opt = build_optimizer(unet.parameters(), cfg)
+    engine = PlainEngine(unet, opt, cfg.train.grad_clip, build_lr_scheduler(opt, cfg))
+    encoders = models.FrozenEncoders(comps.vae, comps.text_encoder, comps.text_encoder_2)
+    step_fn = TrainStep.build(cfg, engine, encoders, comps.noise_scheduler.alphas_cumprod.float(),
+                              comps.noise_scheduler.config.prediction_type)
     gen = torch.Generator().manual_seed(seed)
-    predict = predictor(unet, train_split)
     n = train_split["latents"].shape[0]
     for step in range(steps):
         idx = torch.randint(0, n, (batch,), generator=gen)
-        g = objective.gamma_at(schedule, gamma, step, steps, batch, False, gen)
-        noised = objective.make_training_batch(train_split["latents"][idx], ac, "epsilon", g, gen)
-        loss = objective.weighted_loss(predict(noised.noisy, noised.timesteps, idx), noised)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-    return unet.eval()
+        batch_rows = {LATENT_COLUMN: train_split["moments"][idx], "prompt_embeds": train_split["embeds"][idx],
+                      "pooled": train_split["pooled"][idx], "time_ids": train_split["time_ids"][idx]}
+        step_fn(batch_rows, step, gen)
+    engine.eval()
+    return step_fn
 
 
 @torch.no_grad()
-def evaluate(comps, unet, train_split, val_split, num_gen: int, chain_steps: int) -> dict:
-    ac = comps.noise_scheduler.alphas_cumprod.float()
-    x0, idx = val_split["latents"], torch.arange(val_split["latents"].shape[0])
-    predict = predictor(unet, val_split)
+def evaluate(step_fn: TrainStep, train_split, val_split, num_gen: int, chain_steps: int) -> dict:
+    """Worker.validate's metrics on the held-out split (one process) and the latent Fréchet distance, all through
+    TrainStep.predict."""
+    ac, kind, predict = step_fn.alphas_cumprod, step_fn.prediction_type, step_fn.predict
+    x0 = val_split["latents"]
+    cond = conditioning(val_split, torch.arange(x0.shape[0]))
     sums = []
     for t in VAL_TIMESTEPS:
         ts = torch.full((x0.shape[0],), t, dtype=torch.long)
-        noised = objective.make_training_batch(x0, ac, "epsilon", 0.0, torch.Generator().manual_seed(1000 + t), ts)
-        losses = objective.mse_per_sample(predict(noised.noisy, ts, idx), noised.target)
+        noised = objective.make_training_batch(x0, ac, kind, 0.0, torch.Generator().manual_seed(1000 + t), ts)
+        losses = objective.mse_per_sample(predict(noised.noisy, ts, cond), noised.target)
         sums.append([losses.sum().item(), losses.numel()])
     out = validation.loss_metrics(VAL_TIMESTEPS, torch.tensor(sums, dtype=torch.float64))
-    moments = validation.exposure_bias_moments(predict, x0, idx, ac, "epsilon", chain_steps, 1.0,
+    moments = validation.exposure_bias_moments(predict, x0, cond, ac, kind, chain_steps, 1.0,
                                                torch.Generator().manual_seed(7))
     out["exposure_bias"], _ = validation.exposure_bias(moments, ac)
-    gen_idx = torch.arange(num_gen) % train_split["latents"].shape[0]
-    fake = validation.sample_latents(predictor(unet, train_split), (num_gen, *x0.shape[1:]), gen_idx, ac, "epsilon",
-                                     chain_steps, 1.0, torch.Generator().manual_seed(11))
+    gen_cond = conditioning(train_split, torch.arange(num_gen) % train_split["latents"].shape[0])
+    fake = validation.generate_latents(predict, (num_gen, *x0.shape[1:]), gen_cond, ac, kind, chain_steps, 1.0,
+                                       torch.Generator().manual_seed(11))
     real = torch.cat([train_split["latents"], val_split["latents"]])
     out["fid_latent"] = validation.frechet_distance(F.avg_pool2d(fake, 2), F.avg_pool2d(real, 2))
     return out
@@ -134,7 +157,10 @@ def main(argv=None) -> int:
     p.add_argument("--num-gen", type=int, default=256)
     p.add_argument("--chain-steps", type=int, default=10)
     p.add_argument("--out", default=None, help="write every run's numbers as JSON here")
+    p.add_argument("--dry-run", action="store_true", help=f"toy size: {DRY_RUN}")
     args = p.parse_args(argv)
+    if args.dry_run:
+        vars(args).update(DRY_RUN)
     torch.manual_seed(0)
     torch.set_num_threads(2)
     comps = models.load_components("tiny")
@@ -146,8 +172,8 @@ def main(argv=None) -> int:
     for seed in args.seeds:
         for name, (gamma, schedule) in CONFIGS.items():
             start = time.perf_counter()
-            unet = train(comps, train_split, gamma, schedule, seed, args.steps, args.batch, args.lr)
-            row = {"config": name, "seed": seed, **evaluate(comps, unet, train_split, val_split, args.num_gen,
+            step_fn = train(comps, train_split, gamma, schedule, seed, args.steps, args.batch, args.lr)
+            row = {"config": name, "seed": seed, **evaluate(step_fn, train_split, val_split, args.num_gen,
                                                              args.chain_steps)}
             row["seconds"] = round(time.perf_counter() - start, 1)
             results.append(row)

@@ -109,8 +109,8 @@ def run_stage(stage: int, args, storage: str) -> list[dict]:
     cfg = load_config("tiny_cpu", [
         f"run.storage_path={storage}", f"run.name=zero{stage}", "scaling.num_workers=2",
         f"train.max_steps={args.steps}", f"deepspeed.zero_stage={stage}", f"validation.every_n_steps={never}",
-        f"checkpoint.every_n_steps={never}", f"train.report_every_n_steps={never}", "validation.sample_steps=0",
-        "validation.prompts=[]", "logging.sample_prompts=[]", "logging.tensorboard=false"])
+        f"checkpoint.every_n_steps={never}", f"train.report_every_n_steps={never}",
+        "validation.exposure_bias_denoising_steps=0", "validation.prompts=[]", "logging.sample_prompts=[]", "logging.tensorboard=false"])
     memory_dir = tempfile.mkdtemp(prefix=f"raydiff-mem-z{stage}-")
     # Logical CPUs beyond the driver's default (workers + 2): with two workers, each rank's validation dataset
     # holds a preprocessing actor, and at 3 CPUs the read tasks feeding them were starved (a hang seen here).

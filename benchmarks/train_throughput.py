@@ -1,14 +1,16 @@
-"""Steady-state training samples/s of raydiff (Ray Train + DeepSpeed, one worker) vs a plain PyTorch loop.
+"""Steady-state training samples/s of raydiff (Ray Train + DeepSpeed, one worker) vs its step in a plain loop.
 
     PYTHONPATH=. python benchmarks/train_throughput.py --steps 30 --warmup 6 --batch-size 4 --threads 2
+    PYTHONPATH=. python benchmarks/train_throughput.py --dry-run --json out.json   # toy size, no Ray
 
-Every side trains the tiny SDXL (`models.load_components("tiny")`) on CPU with the same objective (the IP loss from
-`raydiff.objective`, gamma 0.1, epsilon target), the same batch size, AdamW, grad clipping 1.0 and online encoding
-(frozen VAE + both text encoders in each step, as `Worker.train_micro_step` does):
+It measures raydiff's step: every side runs `raydiff.train.step.TrainStep`, built by `TrainStep.build` from the
+run config as `Worker.setup` builds it, on the tiny SDXL (`models.load_components("tiny")`) on CPU: the same
+objective (gamma 0.1, epsilon target), batch size, AdamW, grad clipping 1.0 and online encoding (frozen VAE + both
+text encoders in each step), each micro-step with the generator `Worker.train_micro_step` makes:
 
-- `plain`: a single-process loop written here; its batches are the demo dataset's rows run through the same
-  `Preprocessor` as Ray Data uses, held in memory (no loader cost at all);
-- `deepspeed`: the same loop, the UNet wrapped by `deepspeed.initialize` with raydiff's own DeepSpeed config
+- `plain`: a single-process loop of TrainStep around `PlainEngine` (torch AdamW, no DeepSpeed); its batches are the
+  demo dataset's rows run through the same `Preprocessor` as Ray Data uses, held in memory (no loader cost at all);
+- `deepspeed`: the same loop, TrainStep around `deepspeed.initialize`'s engine with raydiff's own DeepSpeed config
   (world size 1, gloo, no Ray): isolates what DeepSpeed costs;
 - `raydiff`: `raydiff.train.driver.run_training` unchanged (TorchTrainer, one worker, Ray Data streaming the demo
   dataset through the preprocessing actors); its rate comes from rank 0's `metrics.jsonl` rows (`time` of each
@@ -22,6 +24,8 @@ Steady state = the steps after `--warmup`. The plain loop runs first and last (i
 drift in the machine's load shows up as a difference between the two. Start-up costs are reported separately.
 Speed switches (`--plain-variants`) run the plain loop with `raydiff.train.speed.apply_speed_settings`.
 The last line is `ratio raydiff/plain = X.XX` for the default set-up (ZeRO-2, streaming data).
+`--dry-run`: one timed step after one warm-up, batch 2, plain and ZeRO-2 only, no Ray
+(tests/test_benchmarks_dry_run.py runs it).
 """
 
 from __future__ import annotations
@@ -36,7 +40,10 @@ import tempfile
 import time
 
 
-def parse_args() -> argparse.Namespace:
+DRY_RUN = dict(steps=1, warmup=1, batch_size=2, zero=[2], skip_ray=True, plain_variants=[], data=["streaming"])
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=30, help="timed steady-state steps")
     p.add_argument("--warmup", type=int, default=6, help="untimed steps first (allocator, oneDNN, data spin-up)")
@@ -55,7 +62,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--profile-worker", default=None, metavar="DIR",
                    help="cProfile the worker's Worker.train into DIR and print its top functions")
     p.add_argument("--json", default=None, help="write all results to this file")
-    return p.parse_args()
+    p.add_argument("--dry-run", action="store_true", help=f"toy size, no Ray: {DRY_RUN}")
+    args = p.parse_args(argv)
+    if args.dry_run:
+        vars(args).update(DRY_RUN)
+    return args
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,7 +81,7 @@ if ARGS is not None:
 
 import torch  # noqa: E402
 
-from raydiff import models, objective  # noqa: E402
+from raydiff import models  # noqa: E402
 from raydiff.config import Config, load_config  # noqa: E402
 
 GAMMA = 0.1
@@ -84,7 +95,7 @@ def bench_config(args, zero: int, storage: str, name: str, speed: tuple[str, ...
         f"run.storage_path={storage}", f"run.name={name}", "scaling.num_workers=1",
         f"scaling.cpus_per_worker={args.threads}", f"train.max_steps={total}", f"train.batch_size={args.batch_size}",
         f"train.log_every_n_steps={args.log_every}", f"train.report_every_n_steps={never}", f"validation.every_n_steps={never}",
-        f"checkpoint.every_n_steps={never}", "validation.sample_steps=0", "validation.prompts=[]",
+        f"checkpoint.every_n_steps={never}", "validation.exposure_bias_denoising_steps=0", "validation.prompts=[]",
         "logging.sample_prompts=[]", "logging.tensorboard=false", "optim.warmup_steps=0",
         f"deepspeed.zero_stage={zero}", f"objective.gamma={GAMMA}",
         # One epoch covers every step: an epoch boundary restarts the Ray Data pipeline (docs/performance.md).
@@ -114,7 +125,7 @@ def in_memory_batches(cfg: Config, count: int, precomputed: bool = False) -> lis
 
     src = ensure_demo_dataset(models.default_cache_dir(), num_images=cfg.data.demo_num_images)
     table = pa.concat_tables([pq.read_table(os.path.join(src, f)) for f in sorted(os.listdir(src))])
-    pre = Preprocessor(models.resolve_pretrained("tiny"), resolution=cfg.data.resolution, seed=cfg.train.seed)
+    pre = Preprocessor(models.resolve_pretrained("tiny"), cfg.data, seed=cfg.train.seed)
     encode = Encoder(asdict(EncoderSpec(pretrained="tiny", mode="latents"))) if precomputed else dict
     bs = cfg.train.batch_size
     batches = []
@@ -128,60 +139,43 @@ def in_memory_batches(cfg: Config, count: int, precomputed: bool = False) -> lis
 
 
 class PlainTrainer:
-    """One training step exactly as Worker.train_micro_step computes it, without Ray; optionally under DeepSpeed."""
+    """raydiff's TrainStep, built as Worker.setup builds it, without Ray: around a PlainEngine (torch AdamW, no
+    DeepSpeed) or, with `deepspeed_zero`, a one-process DeepSpeed engine with raydiff's DeepSpeed config."""
 
     def __init__(self, cfg: Config, deepspeed_zero: int | None = None):
+        from raydiff.train.deepspeed_setup import build_lr_scheduler, build_optimizer
         from raydiff.train.speed import apply_speed_settings
+        from raydiff.train.step import PlainEngine, TrainStep
 
         t0 = time.perf_counter()
         torch.manual_seed(cfg.train.seed)
         c = models.load_components("tiny")
-        self.vae, self.te1, self.te2 = c.vae, c.text_encoder, c.text_encoder_2
-        self.ac = c.noise_scheduler.alphas_cumprod.float()
-        self.unet = apply_speed_settings(c.unet, cfg)
-        o = cfg.optim
-        self.opt = torch.optim.AdamW([p for p in self.unet.parameters() if p.requires_grad], lr=o.lr,
-                                     betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
+        unet = apply_speed_settings(c.unet, cfg)
+        opt = build_optimizer(unet.parameters(), cfg)
         self.load_s = time.perf_counter() - t0
-        self.engine = None
         self.deepspeed_init_s = None
-        if deepspeed_zero is not None:
+        if deepspeed_zero is None:
+            engine = PlainEngine(unet, opt, cfg.train.grad_clip, build_lr_scheduler(opt, cfg))
+        else:
             from raydiff.train.deepspeed_setup import deepspeed_config, initialize_engine
 
             init_process_group()
             t0 = time.perf_counter()
-            self.engine, self.opt, _, _ = initialize_engine(model=self.unet, optimizer=self.opt,
-                                                            config=deepspeed_config(cfg, 1), dist_init_required=False)
+            engine, _, _, _ = initialize_engine(model=unet, optimizer=opt, lr_scheduler=build_lr_scheduler(opt, cfg),
+                                                config=deepspeed_config(cfg, 1), dist_init_required=False)
             self.deepspeed_init_s = time.perf_counter() - t0
-        self.grad_clip = cfg.train.grad_clip
+        encoders = models.FrozenEncoders(c.vae, c.text_encoder, c.text_encoder_2)
+        self.step_fn = TrainStep.build(cfg, engine, encoders, c.noise_scheduler.alphas_cumprod.float(),
+                                       c.noise_scheduler.config.prediction_type)
+        self.seed = cfg.train.seed
         self.loss_sum = torch.zeros(())
 
     def step(self, batch: dict, index: int) -> None:
-        gen = torch.Generator().manual_seed(index)
-        with torch.no_grad():
-            moments = batch.get("latent_moments")
-            if moments is None:
-                moments = models.latent_moments(self.vae, batch["pixels"])
-            latents = models.sample_latents(moments, self.vae.config.scaling_factor, gen)
-            if "prompt_embeds" in batch:
-                embeds, pooled = batch["prompt_embeds"], batch["pooled"]
-            else:
-                embeds, pooled = models.encode_prompt(self.te1, self.te2, batch["input_ids"], batch["input_ids_2"])
-        noised = objective.make_training_batch(latents, self.ac, "epsilon", GAMMA, gen)
-        model = self.unet if self.engine is None else self.engine
-        pred = model(noised.noisy, noised.timesteps, encoder_hidden_states=embeds,
-                     added_cond_kwargs={"text_embeds": pooled, "time_ids": batch["time_ids"].float()},
-                     return_dict=False)[0]
-        loss = objective.weighted_loss(pred, noised)
-        if self.engine is not None:
-            self.engine.backward(loss)
-            self.engine.step()  # clipping per the DeepSpeed config
-        else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.unet.parameters(), self.grad_clip)
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
-        self.loss_sum += loss.detach()  # kept on-device, as the worker does; no per-step .item()
+        from raydiff.train.step import step_generator
+
+        # The generator Worker.train_micro_step makes (grad_accum 1, rank 0).
+        loss, _ = self.step_fn(batch, index, step_generator(torch.device("cpu"), self.seed, index, 0, 0))
+        self.loss_sum += loss  # kept on-device, as the worker does; no per-step .item()
 
 
 def init_process_group() -> None:

@@ -1,22 +1,31 @@
 """Typed run configuration: dataclass sections <-> YAML, `--set a.b=c` overrides, validation before any Ray work.
 
-Every key a user can write is a field below; anything else is rejected with the closest valid name.
+Every key a user can write is a field below, declared with `setting(default, help, ge=/gt=/le=/lt=)`: its meaning,
+range and (as a `Literal` type) its choices live next to it. From them come the coercion and validation here,
+`python -m raydiff.train --help-config` and the README's key table. Unknown keys are rejected with the closest name.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import functools
+import glob
 import importlib.util
+import operator
 import os
 import re
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional, TypeVar
 
 import yaml
+
+from raydiff.data.buckets import parse_buckets  # a leaf module (re, math): no Ray, no torch
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = "tiny_cpu"
@@ -26,164 +35,251 @@ class ConfigError(ValueError):
     """A config problem, always naming the offending key."""
 
 
+# ---------------------------------------------------------------- choices (the lower layers derive their tables)
+
+Precision = Literal["fp32", "bf16", "fp16"]
+ZeroStage = Literal[0, 1, 2, 3]
+Attention = Literal["sdpa", "eager"]
+Optimizer = Literal["adamw", "adafactor"]
+LrScheduler = Literal["constant", "cosine", "linear"]
+GammaSchedule = Literal["constant", "linear_decay", "random_strength"]
+PredictionType = Literal["epsilon", "v_prediction"]
+DataFormat = Literal["parquet", "imagefolder", "webdataset"]
+OnError = Literal["skip", "raise"]
+Precompute = Literal["none", "text", "latents"]
+TuneScheduler = Literal["asha", "fifo"]
+SearchAlg = Literal["random", "optuna"]
+
+BOUNDS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}  # setting() keywords -> the comparison they require
+_COMPARE = {"ge": operator.ge, "gt": operator.gt, "le": operator.le, "lt": operator.lt}
+
+
+def setting(default: Any, help: str, **bounds: float) -> Any:
+    """A config field: its default, one line of meaning, and its range as `ge`/`gt`/`le`/`lt` bounds (checked by
+    `validate`; a null value of an optional field is exempt)."""
+    unknown = set(bounds) - set(BOUNDS)
+    if unknown:
+        raise TypeError(f"setting(): unknown bound(s) {sorted(unknown)}; use {list(BOUNDS)}")
+    meta = {"help": help, **bounds}
+    if isinstance(default, (list, dict)):  # a fresh copy per Config
+        return field(default_factory=functools.partial(copy.deepcopy, default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def choices(tp: Any) -> tuple:
+    """The values a `Literal` type (or an optional one) allows."""
+    inner, _ = _unwrap_optional(tp)
+    if typing.get_origin(inner) is not Literal:
+        raise TypeError(f"{tp} is not a Literal type")
+    return typing.get_args(inner)
+
+
+V = TypeVar("V")
+
+
+def per_choice(tp: Any, table: dict[Any, V]) -> dict[Any, V]:
+    """`table` (e.g. precision -> torch dtype) after checking it has one entry per choice of the `Literal` `tp`: a
+    choice added to the config without its entry fails at import, not in the middle of a run."""
+    if set(table) != set(choices(tp)):
+        raise TypeError(f"table keys {sorted(map(str, table))} do not match the config's choices {list(choices(tp))}")
+    return table
+
+
+# ---------------------------------------------------------------- sections
+
+
 @dataclass
 class RunSection:
-    name: str = "raydiff-tiny"
-    # Local dir, NFS path or s3:// / gs:// URI; multi-node runs need shared storage.
-    storage_path: str = "~/raydiff_runs"
-    max_failures: int = 0
+    """Which run this is and where it is stored."""
+
+    name: str = setting("raydiff-tiny", "With run.storage_path it identifies the run: relaunching the same name "
+                        "resumes it (never put a timestamp in it).")
+    storage_path: str = setting("~/raydiff_runs", "Local dir, NFS path or s3:// / gs:// URI (multi-node runs need "
+                                "shared storage); $VARS are expanded where the run starts.")
+    max_failures: int = setting(0, "Worker-group restarts from the latest checkpoint before the run fails.", ge=0)
 
 
 @dataclass
 class ScalingSection:
-    num_workers: int = 2
-    use_gpu: bool = False
-    # Fractional CPUs leave room for Ray Data's preprocessing tasks on small machines.
-    cpus_per_worker: float = 0.5
-    gpus_per_worker: float = 1.0
+    """Ray Train's worker group."""
+
+    num_workers: int = setting(2, "Training workers (one per GPU on a GPU cluster).", gt=0)
+    use_gpu: bool = setting(False, "Train on GPUs.")
+    cpus_per_worker: float = setting(0.5, "CPUs reserved per worker; fractions leave room for Ray Data's "
+                                     "preprocessing tasks on small machines.", ge=0)
+    gpus_per_worker: float = setting(1.0, "GPUs reserved per worker (with scaling.use_gpu).")
 
 
 @dataclass
 class TrainSection:
-    max_steps: int = 60
-    batch_size: int = 4  # per worker, per micro-step
-    grad_accum: int = 1
-    seed: int = 0
-    grad_clip: float = 1.0  # 0 disables clipping
-    gradient_checkpointing: bool = False
-    # Speed switches (raydiff/train/speed.py, measured in docs/performance.md): attention kernel (sdpa: PyTorch's
-    # fused scaled_dot_product_attention; eager: diffusers' explicit softmax), NHWC convolutions, torch.compile.
-    attention: str = "sdpa"
-    channels_last: bool = False
-    compile: bool = False
-    log_every_n_steps: int = 1  # metrics.jsonl + progress line (rank 0, cheap)
-    # ray.train.report is a barrier that waits for the controller (~0.1-2 s); validation and checkpoint steps
-    # always report, this adds reports in between (what Tune schedulers see).
-    report_every_n_steps: int = 10
-    prefetch_batches: int = 2
-    # EMA of the UNet weights (decay per optimizer step); None: off. The export then holds the EMA weights.
-    ema_decay: Optional[float] = None
+    """The training loop: length, batch, speed switches (docs/performance.md), how often it logs and reports."""
+
+    max_steps: int = setting(60, "Optimizer steps to train.", gt=0)
+    batch_size: int = setting(4, "Samples per worker per micro-step.", gt=0)
+    grad_accum: int = setting(1, "Micro-steps per optimizer step.", gt=0)
+    seed: int = setting(0, "Seeds the data stream (order, crops, flips, caption dropout) and the training noise.",
+                        ge=0)
+    grad_clip: float = setting(1.0, "Largest gradient norm; 0 disables clipping.", ge=0)
+    gradient_checkpointing: bool = setting(False, "Recompute activations in the backward pass (less memory, about "
+                                           "30 % more compute).")
+    attention: Attention = setting("sdpa", "Attention kernel: sdpa (PyTorch's fused scaled_dot_product_attention) "
+                                   "or eager (diffusers' explicit softmax, a baseline).")
+    channels_last: bool = setting(False, "NHWC weights for the convolutions.")
+    compile: bool = setting(False, "torch.compile of the UNet, in place (not with ZeRO-3).")
+    log_every_n_steps: int = setting(1, "Steps between metrics.jsonl rows and progress lines (rank 0, cheap).", gt=0)
+    report_every_n_steps: int = setting(10, "Steps between ray.train.report calls (a barrier, ~0.1-2 s; what Tune "
+                                        "schedulers see); validation and checkpoint steps always report.", gt=0)
+    prefetch_batches: int = setting(2, "Batches each worker's data iterator prepares ahead.", ge=0)
+    ema_decay: Optional[float] = setting(None, "EMA of the fp32 master weights (decay per optimizer step), sharded "
+                                         "like them; the export then holds the EMA weights. null: off.", gt=0, lt=1)
 
 
 @dataclass
 class OptimSection:
-    optimizer: str = "adamw"
-    lr: float = 1e-4
-    weight_decay: float = 1e-2
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    lr_scheduler: str = "constant"  # constant (after warmup) | cosine | linear
-    warmup_steps: int = 0
+    """Optimizer and learning-rate schedule."""
+
+    optimizer: Optimizer = setting("adamw", "Optimizer (DeepSpeedCPUAdam on GPU workers with "
+                                   "deepspeed.offload_optimizer).")
+    lr: float = setting(1e-4, "Peak learning rate.", gt=0)
+    weight_decay: float = setting(1e-2, "Decoupled weight decay.", ge=0)
+    beta1: float = setting(0.9, "Decay of the first-moment estimate.")
+    beta2: float = setting(0.999, "Decay of the second-moment estimate.")
+    eps: float = setting(1e-8, "Added to the denominator for numerical stability.")
+    lr_scheduler: LrScheduler = setting("constant", "Learning-rate shape after the warmup.")
+    warmup_steps: int = setting(0, "Optimizer steps of linear warmup from 0.", ge=0)
 
 
 @dataclass
 class DeepSpeedSection:
-    zero_stage: int = 2
-    precision: str = "fp32"  # fp32 | bf16 | fp16
-    # Optimizer state and fp32 masters in host RAM (ZeRO 1-3): DeepSpeedCPUAdam on GPU workers, torch's optimizer on CPU.
-    offload_optimizer: bool = False
-    # Elements per ZeRO all-gather / reduce-scatter bucket. DeepSpeed's default (5e8): ~6 buckets per micro-step for
-    # the 2.6 B-parameter SDXL UNet instead of 50+ at 5e7, at ~1 GB of bf16 bucket memory each.
-    allgather_bucket_size: int = 500_000_000
-    reduce_bucket_size: int = 500_000_000
+    """DeepSpeed ZeRO: sharding, precision, offload, communication buckets."""
+
+    zero_stage: ZeroStage = setting(2, "ZeRO stage: 0 replicates everything; 1 shards optimizer states, 2 also "
+                                    "gradients, 3 also parameters.")
+    precision: Precision = setting("fp32", "Training precision; bf16 and fp16 need ZeRO 1-3 (fp32 master weights), "
+                                   "fp16 needs GPUs.")
+    offload_optimizer: bool = setting(False, "Optimizer state and fp32 masters in host RAM (ZeRO 1-3): "
+                                      "DeepSpeedCPUAdam on GPU workers, torch's optimizer on CPU.")
+    allgather_bucket_size: int = setting(500_000_000, "Elements per ZeRO all-gather bucket. DeepSpeed's default: "
+                                         "~6 buckets per micro-step for the SDXL UNet, ~1 GB of bf16 each.")
+    reduce_bucket_size: int = setting(500_000_000, "Elements per ZeRO reduce-scatter bucket.")
 
 
 @dataclass
 class ObjectiveSection:
-    gamma: float = 0.1
-    gamma_schedule: str = "constant"  # constant | linear_decay | random_strength
-    gamma_decay_steps: int = 0  # linear_decay: gamma reaches 0 at this step (0: train.max_steps)
-    gamma_per_sample: bool = False  # random_strength: one u ~ U(0, gamma) per sample instead of per batch
-    # None: read from the model's scheduler config.
-    prediction_type: Optional[str] = None
-    noise_offset: float = 0.0  # offset noise, built into eps (input and target)
-    snr_gamma: Optional[float] = None  # min-SNR-gamma loss weighting; None: off
+    """The Input Perturbation objective (formulas and sources: docs/objective.md)."""
+
+    gamma: float = setting(0.1, "IP strength: inputs get noise eps + gamma * xi, the target stays eps (the paper "
+                           "finds > 0.2 too strong).", ge=0, le=1)
+    gamma_schedule: GammaSchedule = setting("constant", "constant; linear_decay (gamma falls to 0 at "
+                                            "gamma_decay_steps); random_strength (gamma * u, u ~ U(0, 1)).")
+    gamma_decay_steps: int = setting(0, "linear_decay: the step at which gamma reaches 0 (0: train.max_steps).",
+                                     ge=0)
+    gamma_per_sample: bool = setting(False, "random_strength: one u per sample instead of one per batch.")
+    prediction_type: Optional[PredictionType] = setting(None, "The UNet's target; null: from the model's "
+                                                        "scheduler config.")
+    noise_offset: float = setting(0.0, "Offset noise, built into eps (input and target).", ge=0)
+    snr_gamma: Optional[float] = setting(None, "Min-SNR-gamma loss weighting; null: off.", gt=0)
 
 
 @dataclass
 class ModelSection:
-    pretrained: str = "tiny"  # hub id, local diffusers dir, or "tiny"
-    vae: Optional[str] = None  # separate VAE, e.g. madebyollin/sdxl-vae-fp16-fix
-    revision: Optional[str] = None
-    variant: Optional[str] = None
+    """The pretrained SDXL pipeline to fine-tune."""
+
+    pretrained: str = setting("tiny", "Hub id, local diffusers directory, or tiny (a random-init toy SDXL).")
+    vae: Optional[str] = setting(None, "A separate VAE, e.g. madebyollin/sdxl-vae-fp16-fix; null: the model's.")
+    revision: Optional[str] = setting(None, "Hub revision (branch, tag or commit).")
+    variant: Optional[str] = setting(None, "Weights variant to load, e.g. fp16.")
 
 
 @dataclass
 class DataSection:
-    source: Optional[str] = None  # None: the generated demo dataset
-    format: Optional[str] = None  # parquet | imagefolder | webdataset; None: detected from the files
-    image_column: str = "image"
-    caption_column: str = "text"
-    resolution: int = 64
-    center_crop: bool = False
-    random_flip: bool = True
-    val_fraction: float = 0.05
-    val_max_samples: int = 16
-    on_error: str = "skip"  # skip | raise
-    max_aspect_ratio: float = 4.0  # images with long/short side above this are skipped
-    # Rows a worker shuffles together within its span of an epoch (whole read units, at least this many rows): the
-    # row-level mixing on top of the per-epoch shuffle of units (parquet row groups, tar shards). Memory of a read
-    # task grows with it.
-    shuffle_window: int = 2048
-    # Aspect-ratio buckets: [] = square crops at `resolution`; [sdxl] = the SDXL list scaled to `resolution`;
-    # or WIDTHxHEIGHT sizes, e.g. [1024x1024, 1152x896, 896x1152].
-    buckets: list[str] = field(default_factory=list)
-    demo_num_images: int = 320
-    caption_dropout: float = 0.0  # probability of training on the empty prompt (for classifier-free guidance)
-    # Frozen encoders in a Ray Data actor pool instead of the training step: none | text | latents.
-    precompute: str = "none"
-    # With precompute: a directory or s3:// / gs:// URI for a parquet cache reused by runs with the same fingerprint
-    # (the random crop is then drawn once; flips and caption dropout stay per epoch). Unset: encode in the stream.
-    cache_dir: Optional[str] = None
-    precompute_concurrency: int = 1  # encoder actors (per worker stream when streamed; for the build when cached)
-    precompute_num_gpus: float = 0.0  # GPUs per encoder actor (e.g. 1 to build a cache on a GPU cluster)
+    """The dataset and its preprocessing (raydiff/data): the data layer reads this section itself."""
+
+    source: Optional[str] = setting(None, "File, directory, glob or s3:// / gs:// URI; null: the generated demo "
+                                    "dataset.")
+    format: Optional[DataFormat] = setting(None, "The source's format; null: detected from the files.")
+    image_column: str = setting("image", "Column holding the images.")
+    caption_column: str = setting("text", "Column holding the captions.")
+    resolution: int = setting(64, "Training size in pixels (square crops, or the scale of data.buckets); a "
+                              "multiple of 8.", gt=0)
+    center_crop: bool = setting(False, "Center crops instead of random ones.")
+    random_flip: bool = setting(True, "Horizontal flips, drawn per sample and epoch.")
+    val_fraction: float = setting(0.05, "Share of the rows held out for validation.", gt=0, lt=1)
+    val_max_samples: int = setting(16, "Most rows held out.", gt=0)
+    on_error: OnError = setting("skip", "A row that cannot be read or decoded: skip (counted, logged) or raise.")
+    max_aspect_ratio: float = setting(4.0, "Images whose long/short side is above this are skipped.", ge=1)
+    shuffle_window: int = setting(2048, "Rows a worker shuffles together within its span of an epoch (whole read "
+                                  "units: parquet row groups, tar shards); a read task's memory grows with it.", gt=0)
+    buckets: list[str] = setting([], "Aspect-ratio buckets: [] square crops at data.resolution; [sdxl] the SDXL list "
+                                 "scaled to data.resolution; or WIDTHxHEIGHT sizes, e.g. [1152x896, 896x1152].")
+    demo_num_images: int = setting(320, "Images in the generated demo dataset (data.source unset).", gt=0)
+    caption_dropout: float = setting(0.0, "Probability of training on the empty prompt (for classifier-free "
+                                     "guidance).", ge=0, lt=1)
+    precompute: Precompute = setting("none", "Frozen encoders in a Ray Data actor pool instead of the training step: "
+                                     "none, text (text encoders) or latents (also the VAE).")
+    cache_dir: Optional[str] = setting(None, "With data.precompute: a directory or URI for a parquet cache reused by "
+                                       "runs with the same fingerprint (the random crop is then drawn once); null: "
+                                       "encode in the stream.")
+    precompute_concurrency: int = setting(1, "Encoder actors (per worker stream when streamed; for the build when "
+                                          "cached).", gt=0)
+    precompute_num_gpus: float = setting(0.0, "GPUs per encoder actor (needs scaling.use_gpu).", ge=0)
 
 
 @dataclass
 class CheckpointSection:
-    every_n_steps: int = 20
-    keep: int = 2
+    """Ray Train checkpoints (every rank's DeepSpeed shards, RNG states, data position)."""
+
+    every_n_steps: int = setting(20, "Optimizer steps between checkpoints (the last step always saves one).", gt=0)
+    keep: int = setting(2, "Checkpoints kept; older ones are deleted.", gt=0)
 
 
 @dataclass
 class ValidationSection:
-    every_n_steps: int = 20
-    batch_size: int = 4
-    seed: int = 1234
-    # Fixed timesteps: every held-out sample is scored at each one, so runs with any gamma see the same loss terms.
-    timesteps: list[int] = field(default_factory=lambda: [125, 375, 625, 875])
-    # Exposure bias: a DDIM chain of this many steps on the held-out latents (0: off).
-    sample_steps: int = 10
-    eps_scale: float = 1.0  # Epsilon Scaling lambda used by the exposure-bias chain and the sample images
-    prompts: list[str] = field(default_factory=list)  # rendered into <run>/samples/step_XXXXXX.png; [] = none
-    image_steps: int = 20  # sampler steps for those images
+    """Held-out loss at fixed timesteps and noise, exposure bias, sample images."""
+
+    every_n_steps: int = setting(20, "Optimizer steps between validations (also run at step 0).", gt=0)
+    batch_size: int = setting(4, "Held-out samples per worker per validation batch.", gt=0)
+    seed: int = setting(1234, "Seeds the fixed validation noise and the sample images.")
+    timesteps: list[int] = setting([125, 375, 625, 875], "Timesteps in [0, 1000) at which every held-out sample is "
+                                   "scored, so runs with any gamma see the same loss terms.")
+    exposure_bias_denoising_steps: int = setting(10, "Denoising steps of the DDIM chain on the held-out latents "
+                                                 "that measures exposure bias; 0: off.", ge=0, le=1000)
+    eps_scale: float = setting(1.0, "Epsilon Scaling lambda of that chain and of the sample images (1: off; the "
+                               "paper uses ~1.005-1.02).", ge=0.5, le=2)
+    prompts: list[str] = setting([], "Prompts rendered into <run>/samples/step_XXXXXX.png at each validation; "
+                                 "[]: none.")
+    image_denoising_steps: int = setting(20, "Denoising steps of each of those images.", gt=0)
 
 
 @dataclass
 class TuneSection:
-    """`python -m raydiff.tune`: one trial per sampled config, ranked by the unperturbed `val_loss`."""
+    """`python -m raydiff.tune` only: one trial per sampled config, ranked by the unperturbed `val_loss`."""
 
-    # Dotted config key -> one of {grid: [..]}, {choice: [..]}, {uniform: [lo, hi]}, {loguniform: [lo, hi]}.
-    search_space: dict[str, Any] = field(default_factory=dict)
-    num_samples: int = 1  # samples per grid point
-    scheduler: str = "asha"  # asha | fifo
-    grace_period: int = 1  # ASHA: optimizer steps before a trial can be stopped
-    reduction_factor: float = 3.0  # ASHA: keep the best 1/reduction_factor at each rung
-    # None: as many as the cluster's CPUs (or GPUs) fit, given each trial's scaling section.
-    max_concurrent_trials: Optional[int] = None
-    search_alg: str = "random"  # random (grid keys expanded, others sampled) | optuna
+    search_space: dict[str, Any] = setting({}, "Dotted config key -> one of {grid: [..]}, {choice: [..]}, "
+                                           "{uniform: [lo, hi]}, {loguniform: [lo, hi]}.")
+    num_samples: int = setting(1, "Samples per grid point.", gt=0)
+    scheduler: TuneScheduler = setting("asha", "asha stops weak trials at val_loss reports; fifo runs every trial "
+                                       "to the end.")
+    grace_period: int = setting(1, "ASHA: optimizer steps before a trial can be stopped.", gt=0)
+    reduction_factor: float = setting(3.0, "ASHA: the best 1/reduction_factor go on at each rung.", gt=1)
+    max_concurrent_trials: Optional[int] = setting(None, "null: as many as the cluster's CPUs (or GPUs) fit, given "
+                                                   "each trial's scaling section.", gt=0)
+    search_alg: SearchAlg = setting("random", "random (grid keys expanded, the others sampled) or optuna.")
 
 
 @dataclass
 class LoggingSection:
-    tensorboard: bool = True  # event files in <run dir>/tensorboard
-    mlflow_uri: Optional[str] = None  # e.g. http://mlflow:5000 or file:///path; unset: no MLflow
-    mlflow_experiment: str = "raydiff"
-    # A sample grid from the exported model at the end of the run (TensorBoard + samples.png); empty: none.
-    sample_prompts: list[str] = field(default_factory=lambda: ["a red circle on a blue background",
-                                                               "a small green square and a large yellow star"])
-    sample_steps: int = 20
+    """TensorBoard, MLflow and the end-of-run sample grid."""
+
+    tensorboard: bool = setting(True, "Event files in <run>/tensorboard.")
+    mlflow_uri: Optional[str] = setting(None, "e.g. http://mlflow:5000 or file:///path (pip install "
+                                        "'raydiff[mlflow]'); null: no MLflow.")
+    mlflow_experiment: str = setting("raydiff", "MLflow experiment name.")
+    sample_prompts: list[str] = setting(["a red circle on a blue background",
+                                         "a small green square and a large yellow star"],
+                                        "Prompts of a grid from the exported model at the end of the run "
+                                        "(TensorBoard and samples.png); []: none.")
+    sample_denoising_steps: int = setting(20, "Denoising steps of each image of that grid.", gt=0)
 
 
 @dataclass
@@ -222,9 +318,9 @@ def _split_key(dotted: str) -> tuple[str, str]:
     return parts[0], parts[1]
 
 
-def _suggest(name: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
-    return f" (did you mean '{close[0]}'?)" if close else f" (valid: {', '.join(sorted(choices))})"
+def _suggest(name: str, names: list[str]) -> str:
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else f" (valid: {', '.join(sorted(names))})"
 
 
 def _fields(cls) -> dict[str, dataclasses.Field]:
@@ -248,6 +344,11 @@ def _coerce(value: Any, tp, key: str) -> Any:
         if optional:
             return None
         raise ConfigError(f"config key '{key}' may not be null")
+    if typing.get_origin(inner) is Literal:
+        allowed = typing.get_args(inner)
+        value = _coerce(value, type(allowed[0]), key)  # "2" -> 2 for ZeRO stages
+        _check(value in allowed, key, _choice_message(allowed, value))
+        return value
     if typing.get_origin(inner) is list:
         (item_tp,) = typing.get_args(inner)
         if isinstance(value, str):
@@ -295,6 +396,7 @@ def _coerce(value: Any, tp, key: str) -> Any:
     raise ConfigError(f"config key '{key}': unsupported type {tp}")
 
 
+@functools.cache
 def _section_types(section_cls) -> dict[str, Any]:
     return typing.get_type_hints(section_cls)
 
@@ -327,7 +429,8 @@ def field_type(dotted: str):
     section_name, key = _split_key(dotted)
     sections = _fields(Config)
     if section_name not in sections:
-        raise ConfigError(f"unknown config section '{section_name}' in '{dotted}'{_suggest(section_name, list(sections))}")
+        raise ConfigError(f"unknown config section '{section_name}' in '{dotted}'"
+                          f"{_suggest(section_name, list(sections))}")
     types_ = _section_types(sections[section_name].default_factory)
     if key not in types_:
         raise ConfigError(f"unknown config key '{dotted}'{_suggest(key, list(types_))}")
@@ -384,52 +487,54 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | None = N
 
 # ---------------------------------------------------------------- validation
 
-_CHOICES = {
-    "deepspeed.precision": ("fp32", "bf16", "fp16"),
-    "objective.prediction_type": (None, "epsilon", "v_prediction"),
-    "optim.optimizer": ("adamw", "adafactor"),
-    "optim.lr_scheduler": ("constant", "cosine", "linear"),
-    "data.on_error": ("skip", "raise"),
-    "objective.gamma_schedule": ("constant", "linear_decay", "random_strength"),
-    "tune.scheduler": ("asha", "fifo"),
-    "tune.search_alg": ("random", "optuna"),
-    "data.format": (None, "parquet", "imagefolder", "webdataset"),
-    "data.precompute": ("none", "text", "latents"),
-    "train.attention": ("sdpa", "eager"),
-}
-
-_POSITIVE = ("scaling.num_workers", "train.max_steps", "train.batch_size", "train.grad_accum", "optim.lr",
-             "data.resolution", "checkpoint.every_n_steps", "validation.every_n_steps", "validation.batch_size",
-             "train.log_every_n_steps", "train.report_every_n_steps", "checkpoint.keep", "data.val_max_samples",
-             "data.shuffle_window", "data.demo_num_images", "data.precompute_concurrency", "tune.num_samples",
-             "tune.grace_period", "logging.sample_steps")
-
-_NON_NEGATIVE = ("objective.gamma", "train.grad_clip", "optim.weight_decay", "optim.warmup_steps",
-                 "run.max_failures", "train.seed", "train.prefetch_batches", "scaling.cpus_per_worker",
-                 "objective.gamma_decay_steps", "objective.noise_offset", "validation.sample_steps",
-                 "data.precompute_num_gpus")
-
-
 def _check(condition: bool, key: str, message: str) -> None:
     if not condition:
         raise ConfigError(f"config key '{key}' {message}")
 
 
+def keys() -> list[tuple[str, dataclasses.Field, Any]]:
+    """(dotted key, field, resolved type) of every config key, in section and field order."""
+    return [(f"{name}.{f.name}", f, _section_types(section.default_factory)[f.name])
+            for name, section in _fields(Config).items() for f in dataclasses.fields(section.default_factory)]
+
+
+def _choice_message(allowed: tuple, value: Any) -> str:
+    return f"must be one of {list(allowed)}, got {value!r}"
+
+
+def _range_text(meta: typing.Mapping[str, Any]) -> str:
+    """The field's bounds as text: '> 0', 'in [0, 1)', '' when unbounded."""
+    low = next(((k, meta[k]) for k in ("gt", "ge") if k in meta), None)
+    high = next(((k, meta[k]) for k in ("lt", "le") if k in meta), None)
+    if low and high:
+        return f"in {'(' if low[0] == 'gt' else '['}{low[1]:g}, {high[1]:g}{')' if high[0] == 'lt' else ']'}"
+    bound = low or high
+    return f"{BOUNDS[bound[0]]} {bound[1]:g}" if bound else ""
+
+
+def _in_range(value: Any, meta: typing.Mapping[str, Any]) -> bool:
+    return all(_COMPARE[k](value, meta[k]) for k in BOUNDS if k in meta)
+
+
+def _check_field(key: str, f: dataclasses.Field, tp: Any, value: Any) -> None:
+    """A key's own constraints, declared with it: its choices (a Literal type) and its range (setting bounds)."""
+    if value is None:
+        _check(_unwrap_optional(tp)[1], key, "may not be null")
+        return
+    if typing.get_origin(_unwrap_optional(tp)[0]) is Literal:
+        _check(value in choices(tp), key, _choice_message(choices(tp), value))
+    if any(k in f.metadata for k in BOUNDS):
+        _check(_in_range(value, f.metadata), key,
+               f"must be {_range_text(f.metadata)}{' or null' if _unwrap_optional(tp)[1] else ''}, got {value!r}")
+
+
 def validate(cfg: Config) -> Config:
     """Reject invalid values with a message naming the key. Runs before any Ray work."""
-    for key, choices in _CHOICES.items():
-        value = cfg.get(key)
-        _check(value in choices, key, f"must be one of {[c for c in choices if c is not None]}, got {value!r}")
-    for key in _POSITIVE:
-        _check(cfg.get(key) > 0, key, f"must be > 0, got {cfg.get(key)!r}")
-    for key in _NON_NEGATIVE:
-        _check(cfg.get(key) >= 0, key, f"must be >= 0, got {cfg.get(key)!r}")
-    _check(cfg.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", f"must be 0, 1, 2 or 3, got {cfg.deepspeed.zero_stage}")
-    _check(cfg.data.resolution % 8 == 0, "data.resolution", f"must be a multiple of 8 (the VAE factor), got {cfg.data.resolution}")
-    _check(cfg.data.max_aspect_ratio >= 1, "data.max_aspect_ratio", f"must be >= 1, got {cfg.data.max_aspect_ratio}")
+    for key, f, tp in keys():
+        _check_field(key, f, tp, cfg.get(key))
+    _check(cfg.data.resolution % 8 == 0, "data.resolution",
+           f"must be a multiple of 8 (the VAE factor), got {cfg.data.resolution}")
     try:
-        from raydiff.data.buckets import parse_buckets
-
         parse_buckets(cfg.data.buckets, cfg.data.resolution)
     except ValueError as exc:
         raise ConfigError(f"config key 'data.buckets' {exc}") from None
@@ -437,26 +542,23 @@ def validate(cfg: Config) -> Config:
            "is set but data.precompute is 'none': set data.precompute to text or latents, or unset data.cache_dir")
     _check(cfg.data.precompute_num_gpus == 0 or cfg.scaling.use_gpu, "data.precompute_num_gpus",
            "needs GPUs (scaling.use_gpu: true)")
-    _check(0 < cfg.data.val_fraction < 1, "data.val_fraction", f"must be in (0, 1), got {cfg.data.val_fraction}")
     _check(all(0 <= t < 1000 for t in cfg.validation.timesteps) and cfg.validation.timesteps,
-           "validation.timesteps", f"must be a non-empty list of timesteps in [0, 1000), got {cfg.validation.timesteps}")
+           "validation.timesteps",
+           f"must be a non-empty list of timesteps in [0, 1000), got {cfg.validation.timesteps}")
     _check(cfg.scaling.use_gpu or cfg.deepspeed.precision != "fp16", "deepspeed.precision",
            "fp16 needs GPUs (scaling.use_gpu: true); use fp32 or bf16 on CPU")
     # ZeRO-0 with bf16/fp16 would step the optimizer on the 16-bit weights themselves: no fp32 master weights.
     _check(cfg.deepspeed.precision == "fp32" or cfg.deepspeed.zero_stage > 0, "deepspeed.precision",
-           f"{cfg.deepspeed.precision} needs deepspeed.zero_stage 1-3 (fp32 master weights); ZeRO-0 trains in fp32 only")
+           f"{cfg.deepspeed.precision} needs deepspeed.zero_stage 1-3 (fp32 master weights); "
+           "ZeRO-0 trains in fp32 only")
     _check(not cfg.deepspeed.offload_optimizer or cfg.deepspeed.zero_stage > 0, "deepspeed.offload_optimizer",
            "needs deepspeed.zero_stage 1-3")
-    _check(cfg.objective.gamma <= 1.0, "objective.gamma", f"must be <= 1 (the paper finds > 0.2 too strong), got {cfg.objective.gamma}")
-    _check(bool(cfg.run.name) and "/" not in cfg.run.name, "run.name", f"must be a non-empty name without '/', got {cfg.run.name!r}")
+    _check(bool(cfg.run.name) and "/" not in cfg.run.name, "run.name",
+           f"must be a non-empty name without '/', got {cfg.run.name!r}")
     _check(bool(cfg.run.storage_path), "run.storage_path", "must be set")
-    _validate_objective(cfg)
     # ZeRO-3 gathers each parameter in module hooks around every forward; compiling through them is untested here.
     _check(not (cfg.train.compile and cfg.deepspeed.zero_stage == 3), "train.compile",
            "is not supported with deepspeed.zero_stage: 3; use zero_stage 0-2 or train.compile: false")
-    _check(cfg.tune.reduction_factor > 1, "tune.reduction_factor", f"must be > 1, got {cfg.tune.reduction_factor}")
-    _check(cfg.tune.max_concurrent_trials is None or cfg.tune.max_concurrent_trials > 0, "tune.max_concurrent_trials",
-           f"must be > 0 or null, got {cfg.tune.max_concurrent_trials}")
     for key in ("run.storage_path", "data.cache_dir"):  # `$VARS` are expanded where the run starts
         value = cfg.get(key)
         _check(value is None or "$" not in os.path.expandvars(value), key,
@@ -470,17 +572,6 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-def _validate_objective(cfg: Config) -> None:
-    o, v = cfg.objective, cfg.validation
-    _check(o.snr_gamma is None or o.snr_gamma > 0, "objective.snr_gamma", f"must be > 0 or null, got {o.snr_gamma}")
-    _check(0 <= cfg.data.caption_dropout < 1, "data.caption_dropout", f"must be in [0, 1), got {cfg.data.caption_dropout}")
-    _check(v.sample_steps <= 1000, "validation.sample_steps", f"must be <= 1000, got {v.sample_steps}")
-    _check(0.5 <= v.eps_scale <= 2.0, "validation.eps_scale", f"must be in [0.5, 2] (the paper uses ~1.005-1.02), got {v.eps_scale}")
-    _check(v.image_steps > 0, "validation.image_steps", f"must be > 0, got {v.image_steps}")
-    ema = cfg.train.ema_decay
-    _check(ema is None or 0 < ema < 1, "train.ema_decay", f"must be in (0, 1) or null, got {ema}")
-
-
 # Search-space distributions: name -> whether its values are a list of candidates (else [low, high] bounds).
 SEARCH_KINDS = {"grid": True, "choice": True, "uniform": False, "loguniform": False}
 _NOT_SEARCHABLE = ("run", "tune")  # a trial's run name and storage come from the sweep
@@ -489,8 +580,6 @@ _NOT_SEARCHABLE = ("run", "tune")  # a trial's run name and storage come from th
 def _validate_search_space(cfg: Config) -> None:
     """Every searched key is a real config key and every candidate value (or bound) is valid for it."""
     if cfg.tune.search_alg == "optuna":
-        import importlib.util
-
         _check(importlib.util.find_spec("optuna") is not None, "tune.search_alg",
                "is 'optuna' but optuna is not installed (pip install optuna)")
     for dotted, spec in cfg.tune.search_space.items():
@@ -503,10 +592,12 @@ def _validate_search_space(cfg: Config) -> None:
                f"must be one of {{{' | '.join(f'{k}: [...]' for k in SEARCH_KINDS)}}}, got {spec!r}")
         (kind, values), = spec.items()
         _check(_split_key(dotted)[0] not in _NOT_SEARCHABLE, where, "cannot be searched (set by the sweep)")
-        _check(not (kind == "grid" and cfg.tune.search_alg == "optuna"), where, "grid is not supported by optuna; use choice")
+        _check(not (kind == "grid" and cfg.tune.search_alg == "optuna"), where,
+               "grid is not supported by optuna; use choice")
         _check(isinstance(values, list) and len(values) > 0, where, f"{kind} needs a non-empty list, got {values!r}")
         if not SEARCH_KINDS[kind]:
-            _check(len(values) == 2 and values[0] < values[1], where, f"{kind} needs [low, high] with low < high, got {values}")
+            _check(len(values) == 2 and values[0] < values[1], where,
+                   f"{kind} needs [low, high] with low < high, got {values}")
             _check(kind != "loguniform" or values[0] > 0, where, f"loguniform needs low > 0, got {values}")
         for value in values:  # each candidate must make a valid config on its own
             trial = from_dict(cfg.to_dict() | {"tune": {}})
@@ -530,13 +621,12 @@ def _looks_like_hub_id(name: str) -> bool:
 def _validate_paths(cfg: Config) -> None:
     src = cfg.data.source
     if src is not None and not is_uri(src):
-        import glob
-
         expanded = os.path.expanduser(src)
         _check(os.path.exists(expanded) or bool(glob.glob(expanded)), "data.source", f"path does not exist: {src}")
     model = cfg.model.pretrained
     if model != "tiny" and not is_uri(model) and not os.path.isdir(os.path.expanduser(model)):
-        _check(_looks_like_hub_id(model), "model.pretrained", f"is neither 'tiny', an existing directory, nor a hub id: {model}")
+        _check(_looks_like_hub_id(model), "model.pretrained",
+               f"is neither 'tiny', an existing directory, nor a hub id: {model}")
 
 
 # Template values in the shipped configs and cluster files, to be replaced by the user's own.
@@ -565,3 +655,88 @@ def storage_path(cfg: Config) -> str:
 
 def run_dir(cfg: Config) -> str:
     return f"{storage_path(cfg).rstrip('/')}/{cfg.run.name}"
+
+
+# ---------------------------------------------------------------- the key reference: --help-config, README table
+
+README_BEGIN = "<!-- config-keys:begin (generated by `python -m raydiff.train --help-config --markdown`) -->"
+README_END = "<!-- config-keys:end -->"
+
+
+def _type_text(tp: Any, meta: typing.Mapping[str, Any]) -> str:
+    """'int > 0', '{fp32, bf16, fp16}', 'float in (0, 1) or null', 'list[str]'."""
+    inner, optional = _unwrap_optional(tp)
+    if typing.get_origin(inner) is Literal:
+        text = "{" + ", ".join(str(c) for c in typing.get_args(inner)) + "}"
+    else:
+        text = _plain_type(inner)
+    bounds = _range_text(meta)
+    return f"{text}{' ' + bounds if bounds else ''}{' or null' if optional else ''}"
+
+
+def _plain_type(tp: Any) -> str:
+    if tp is Any:
+        return "any"
+    args = typing.get_args(tp)
+    name = getattr(typing.get_origin(tp) or tp, "__name__", str(tp))
+    return f"{name}[{', '.join(_plain_type(a) for a in args)}]" if args else name
+
+
+def _value_text(value: Any) -> str:
+    """A value as it is written in YAML."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return value or '""'
+    if isinstance(value, list):
+        return "[" + ", ".join(_value_text(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_value_text(v)}" for k, v in value.items()) + "}"
+    return repr(value)
+
+
+def _sections() -> list[tuple[str, str, list[tuple[str, dataclasses.Field, Any]]]]:
+    """(section name, its docstring, its keys) in order."""
+    return [(name, section.default_factory.__doc__ or "", [k for k in keys() if k[0].split(".")[0] == name])
+            for name, section in _fields(Config).items()]
+
+
+def help_text(cfg: Config | None = None, label: str = "config") -> str:
+    """Every key with its type, default and meaning; with `cfg`, also its value there where it is not the default."""
+    defaults, lines = Config(), []
+    for name, doc, section_keys in _sections():
+        lines += ["", f"{name}: {doc}"]
+        for key, f, tp in section_keys:
+            differs = cfg is not None and cfg.get(key) != defaults.get(key)
+            ours = f"  ({label}: {_value_text(cfg.get(key))})" if differs else ""
+            lines.append(f"  {key} = {_value_text(defaults.get(key))}  [{_type_text(tp, f.metadata)}]{ours}")
+            lines += textwrap.wrap(f.metadata["help"], 116, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    return "\n".join(lines[1:])
+
+
+def markdown_table() -> str:
+    """The README's key reference: one table per section."""
+    defaults, out = Config(), []
+    for name, doc, section_keys in _sections():
+        out += [f"**`{name}`**: {doc}", "", "| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+        for key, f, tp in section_keys:
+            cells = (f"`{key}`", _type_text(tp, f.metadata), f"`{_value_text(defaults.get(key))}`", f.metadata["help"])
+            out.append("| " + " | ".join(_markdown_cell(c) for c in cells) + " |")
+        out.append("")
+    return "\n".join(out).rstrip("\n")
+
+
+def _markdown_cell(text: str) -> str:
+    """`|` escaped; `<run>` shown, not taken for an HTML tag."""
+    return re.sub(r"<(?=[A-Za-z/])", "&lt;", text.replace("|", "\\|"))
+
+
+def with_markdown_table(readme: str) -> str:
+    """`readme` with the text between its README_BEGIN and README_END lines replaced by `markdown_table()`."""
+    if readme.count(README_BEGIN) != 1 or readme.count(README_END) != 1:
+        raise ValueError(f"the README needs one '{README_BEGIN}' line and one '{README_END}' line after it")
+    head, rest = readme.split(README_BEGIN)
+    _, tail = rest.split(README_END)
+    return f"{head}{README_BEGIN}\n{markdown_table()}\n{README_END}{tail}"

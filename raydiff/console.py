@@ -18,6 +18,8 @@ import os
 import re
 import warnings
 
+from raydiff import compat  # light: imports no library
+
 VERBOSE_ENV = "RAYDIFF_VERBOSE"
 RAY_DATA_LOGGING_CONFIG = os.path.join(os.path.dirname(__file__), "ray_data_logging.yaml")
 
@@ -47,8 +49,8 @@ FORWARDED_NOISE = (
 LOCAL_NOISE = {
     "transformers.utils.import_utils": r"requires torchvision \(not installed\)",
     "DeepSpeed": r"Setting accelerator to CPU",
-    "ray._private.authentication.authentication_token_setup": r"[Tt]oken authentication is enabled|authentication token",
-    "ray._private.worker": r"Started a local Ray instance",
+    compat.RAY_TOKEN_LOGGER: r"[Tt]oken authentication is enabled|authentication token",
+    compat.RAY_WORKER_LOGGER: r"Started a local Ray instance",
 }
 # Python warnings raised inside libraries on every run that no raydiff user can act on
 IGNORED_WARNINGS = (
@@ -114,6 +116,7 @@ def quiet_process() -> None:
 def disable_hf_progress_bars() -> None:
     """The loading and saving bars of diffusers (which has no environment switch) and transformers, in a process that
     loads and exports pipelines."""
+    # Here: this module is imported first in every process, before anything heavy.
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 

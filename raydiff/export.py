@@ -14,6 +14,7 @@ import tempfile
 
 import torch
 import torch.distributed as dist
+from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
 
 from raydiff import hub, models, storage
 from raydiff.config import Config, is_uri
@@ -24,7 +25,7 @@ EXPORT_INFO = "raydiff_export.json"
 def gather_fp32_state_dict(engine, params: bool = True) -> dict[str, torch.Tensor] | None:
     """Full fp32 weights (`params`) and the buffers on rank 0 (None elsewhere). Collective: every rank must call it,
     in the same order."""
-    from deepspeed.utils import safe_get_full_fp32_param
+    from deepspeed.utils import safe_get_full_fp32_param  # here: the sampling CLI imports this module, no DeepSpeed
 
     rank = dist.get_rank() if dist.is_initialized() else 0
     state: dict[str, torch.Tensor] = {}
@@ -44,8 +45,6 @@ def gather_fp32_state_dict(engine, params: bool = True) -> dict[str, torch.Tenso
 def unet_from_state(unet_config, state: dict[str, torch.Tensor]):
     """The UNet built on the meta device and given `state`'s tensors as its weights: no second randomly initialised
     2.6 B-parameter model in host RAM, no copy."""
-    from diffusers import UNet2DConditionModel
-
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(unet_config)
     unet.load_state_dict(state, strict=True, assign=True)
@@ -55,8 +54,6 @@ def unet_from_state(unet_config, state: dict[str, torch.Tensor]):
 def export_pipeline(cfg: Config, unet_state: dict[str, torch.Tensor], unet_config, prediction_type: str, out: str,
                     info: dict | None = None) -> str:
     """Write `<out>` as a StableDiffusionXLPipeline directory (safetensors). Replaces a previous export atomically."""
-    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
-
     unet = unet_from_state(unet_config, unet_state)
     m = cfg.model
     # This node's copy of the other components (the workers already downloaded them: no hub call).

@@ -10,16 +10,17 @@ get. ``--eps-scale λ`` (Epsilon Scaling) only wraps the UNet's output, so it wo
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from collections.abc import Sequence
 
 import torch
+from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 
 from raydiff.export import HALF_VARIANT
 from raydiff.models import diffusers_dtype_kwarg, resolve_pretrained
+from raydiff.validation import eps_scale_hook, image_grid
 
 
 def _device_and_dtype() -> tuple[str, torch.dtype]:
@@ -37,8 +38,6 @@ def half_variant(path: str, dtype: torch.dtype) -> str | None:
 
 def load_pipeline(model_dir: str, device: str | None = None, dtype: torch.dtype | None = None):
     """Load a pipeline dir (or ``"tiny"`` / a hub id); raises FileNotFoundError for a missing local dir."""
-    from diffusers import StableDiffusionXLPipeline
-
     default_device, default_dtype = _device_and_dtype()
     dtype = dtype or default_dtype
     path = resolve_pretrained(model_dir)
@@ -52,8 +51,6 @@ def load_pipeline(model_dir: str, device: str | None = None, dtype: torch.dtype 
 
 def _prepare_pipeline(pipe, eps_scale: float = 1.0):
     """Install sampling-time modifications; returns (pipeline, hook handle or None to remove afterwards)."""
-    from raydiff.validation import eps_scale_hook
-
     prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
     return pipe, eps_scale_hook(pipe.unet, pipe.scheduler, prediction_type, eps_scale)
 
@@ -98,17 +95,6 @@ def generate(
     if out is not None:
         save_images(images, out)
     return images
-
-
-def image_grid(images: Sequence[Image.Image], cols: int | None = None) -> Image.Image:
-    """Tile equally sized images row-major into one image."""
-    cols = cols or math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, rows * h))
-    for i, img in enumerate(images):
-        grid.paste(img, ((i % cols) * w, (i // cols) * h))
-    return grid
 
 
 def save_images(images: Sequence[Image.Image], out: str) -> list[str]:

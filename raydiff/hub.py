@@ -37,6 +37,9 @@ import re
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 
+# huggingface_hub and filelock are imported by the functions that call the hub: the usual caller (every
+# preprocessing task, every restarted worker) finds its files on disk and needs neither.
+
 TINY = "tiny"
 # Bump when the tiny architecture/tokenizer changes so stale cache dirs are never reused.
 TINY_VERSION = 1

@@ -24,10 +24,13 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from raydiff import hub
+from raydiff.compat import diffusers_dtype_kwarg
 from raydiff.hub import TINY, TINY_VERSION, default_cache_dir, local_pretrained, model_ref
+from raydiff.tokens import load_tokenizers, tokenize  # models' callers get the one tokenizer path from here too
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 MODEL_MAX_LENGTH = 77
@@ -287,50 +290,11 @@ def _ensure_tiny(cache_dir: str, seed: int = 0) -> str:
 # --------------------------------------------------------------------------------------------- loading
 
 
-def load_tokenizers(pretrained: str, revision: str | None = None) -> tuple[CLIPTokenizer, CLIPTokenizer]:
-    """Both tokenizers of a model name (:func:`raydiff.hub.model_ref`), from this node's copy of their files only."""
-    return _load_tokenizers(local_pretrained(pretrained, revision, parts=hub.TOKENIZERS))
-
-
-def _load_tokenizers(path: str) -> tuple[CLIPTokenizer, CLIPTokenizer]:
-    """From a local model directory (no hub call)."""
-    return tuple(CLIPTokenizer.from_pretrained(path, subfolder=sub) for sub in hub.TOKENIZERS)  # type: ignore
-
-
-def tokenize(tokenizers: tuple[CLIPTokenizer, CLIPTokenizer], captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids for both encoders, each int64 ``[B, model_max_length]`` (padded and truncated like SDXL)."""
-    return tuple(  # type: ignore[return-value]
-        np.asarray(
-            tok(
-                list(captions),
-                padding="max_length",
-                max_length=tok.model_max_length,
-                truncation=True,
-                return_tensors="np",
-            ).input_ids,
-            dtype=np.int64,
-        )
-        for tok in tokenizers
-    )
-
-
 def vae_location(vae: str) -> tuple[str, str | None]:
     """A standalone VAE repo has its config at the top; a full pipeline dir keeps it under ``vae/``."""
     if not os.path.isfile(os.path.join(vae, "config.json")) and os.path.isfile(os.path.join(vae, "vae", "config.json")):
         return vae, "vae"
     return vae, None
-
-
-def diffusers_dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
-    """``{"dtype": d}`` for diffusers ``from_pretrained`` where supported, else the older ``{"torch_dtype": d}``.
-
-    diffusers 0.42 deprecates ``torch_dtype`` (with a warning) in favour of ``dtype``; older releases only know
-    ``torch_dtype``. Detected by feature, since both are swallowed by ``**kwargs``.
-    """
-    from diffusers.utils import deprecation_utils
-
-    new_api = hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE")
-    return {"dtype" if new_api else "torch_dtype": dtype}
 
 
 def _frozen(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
@@ -375,7 +339,7 @@ def load_components(
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=unet_variant,
                                                 **diffusers_dtype_kwarg(unet_dtype))
     enc = load_encoders(pretrained, vae, revision, variant, text_encoder_dtype, vae_dtype)
-    tokenizer, tokenizer_2 = _load_tokenizers(path)
+    tokenizer, tokenizer_2 = load_tokenizers(path)
     return SDXLComponents(
         unet=unet.train(),
         vae=enc.vae,
@@ -456,8 +420,6 @@ def latent_moments(vae: AutoencoderKL, pixels: torch.Tensor) -> torch.Tensor:
 
 def sample_latents(moments: torch.Tensor, scaling_factor: float, generator: torch.Generator) -> torch.Tensor:
     """A scaled latent sample from stored moments: the same draw as sampling the VAE's own ``latent_dist``."""
-    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-
     return DiagonalGaussianDistribution(moments).sample(generator=generator).float() * scaling_factor
 
 

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from raydiff.config import GammaSchedule, choices
 
-GAMMA_SCHEDULES = ("constant", "linear_decay", "random_strength")
+GAMMA_SCHEDULES = choices(GammaSchedule)
 
 
 def sample_noise(shape, generator: torch.Generator | None = None, device=None, dtype=torch.float32,

@@ -58,8 +58,8 @@ def _steps_in_shape(c: Config, steps: int) -> None:
     c.optim.warmup_steps = min(c.optim.warmup_steps, half)
     c.objective.gamma_decay_steps = min(c.objective.gamma_decay_steps, steps)
     c.validation.batch_size = min(c.validation.batch_size, 4)
-    c.validation.sample_steps = min(c.validation.sample_steps, 2)
-    c.validation.image_steps = c.logging.sample_steps = 2
+    c.validation.exposure_bias_denoising_steps = min(c.validation.exposure_bias_denoising_steps, 2)
+    c.validation.image_denoising_steps = c.logging.sample_denoising_steps = 2
 
 
 def _tune_in_shape(c: Config, steps: int) -> None:

@@ -7,9 +7,10 @@ and do any cross-rank summing themselves. Formulas live in `raydiff.objective`.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
+from PIL import Image
 
 from raydiff import objective
 
@@ -81,8 +82,8 @@ def exposure_bias(moments: torch.Tensor, alphas_cumprod: torch.Tensor) -> tuple[
     return sum(noisy) / len(noisy), deltas
 
 
-def sample_latents(predict: Predict, shape, cond, alphas_cumprod: torch.Tensor, prediction_type: str,
-                   num_steps: int, eps_scale: float, generator: torch.Generator, device=None) -> torch.Tensor:
+def generate_latents(predict: Predict, shape, cond, alphas_cumprod: torch.Tensor, prediction_type: str,
+                     num_steps: int, eps_scale: float, generator: torch.Generator, device=None) -> torch.Tensor:
     """Generate latents from pure noise with the same DDIM chain (for the Fréchet distance)."""
     ac = alphas_cumprod.to(device, torch.float32)
     sample = torch.randn(shape, generator=generator, device=device)
@@ -145,8 +146,6 @@ def eps_scale_hook(unet: torch.nn.Module, scheduler, prediction_type: str, lam: 
 
 def render_grid(pipe, prompts: list[str], steps: int, seed: int, eps_scale: float, prediction_type: str):
     """One image per prompt with a fixed seed, tiled into one PIL grid."""
-    from raydiff.generate import image_grid
-
     handle = eps_scale_hook(pipe.unet, pipe.scheduler, prediction_type, eps_scale)
     try:
         size = pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -156,6 +155,17 @@ def render_grid(pipe, prompts: list[str], steps: int, seed: int, eps_scale: floa
         if handle is not None:
             handle.remove()
     return image_grid(decode_images(pipe, latents), cols=math.ceil(math.sqrt(len(prompts))))
+
+
+def image_grid(images: Sequence[Image.Image], cols: int | None = None) -> Image.Image:
+    """Tile equally sized images row-major into one image."""
+    cols = cols or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h))
+    for i, img in enumerate(images):
+        grid.paste(img, ((i % cols) * w, (i // cols) * h))
+    return grid
 
 
 @torch.no_grad()

@@ -14,7 +14,8 @@ from PIL import Image
 
 from raydiff import config as C
 from raydiff.data.buckets import SDXL_BUCKETS_1024, closest_bucket, parse_buckets
-from raydiff.data.pipeline import DataSpec, _stack, build_datasets, build_manifest, planned_batches
+from raydiff.data.loader import planned_batches
+from raydiff.data.pipeline import DataSpec, _stack, build_datasets, build_manifest
 from raydiff.data.stream import ORDER_COLUMN, StreamPosition, rebatch
 from raydiff.data.transforms import apply_crop, plan_crop, sample_rng, time_ids
 
@@ -96,7 +97,8 @@ def test_preprocessor_assigns_buckets(ray_local, tiny_sdxl, tmp_path):
     pq.write_table(pa.table({"image": [{"bytes": _png(w, h), "path": f"{w}x{h}.png"} for w, h in sizes],
                              "text": ["x"] * len(sizes)}), str(d / "b.parquet"))
     buckets = ((32, 32), (48, 24), (24, 48))
-    spec = DataSpec(source=str(d), resolution=32, val_fraction=0.0, batch_size=4, buckets=buckets)
+    spec = DataSpec(C.DataSection(source=str(d), resolution=32, val_fraction=0.0,
+                                  buckets=[f"{w}x{h}" for w, h in buckets]), batch_size=4)
     ds = build_datasets(spec, tiny_sdxl)["train"]
     rows = ds.take_all()
     assert len(rows) == len(sizes)

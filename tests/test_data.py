@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from raydiff.config import DataSection
 from raydiff.data.demo import ensure_demo_dataset, write_demo_dataset
 from raydiff.data.manifest import choose_val_rows
 from raydiff.data.pipeline import OUTPUT_COLUMNS, DataSpec, build_datasets, build_manifest
@@ -306,9 +307,9 @@ def _as_samples(cols: dict[str, np.ndarray]) -> list[tuple[bytes, tuple]]:
     return [(p.tobytes(), tuple(float(v) for v in t)) for p, t in zip(cols["pixels"], cols["time_ids"])]
 
 
-def _spec(d: str, **kw) -> DataSpec:
-    base = dict(source=d, resolution=R, val_fraction=0.3, val_max_samples=6, seed=11, batch_size=16)
-    return DataSpec(**{**base, **kw})
+def _spec(d: str, **data) -> DataSpec:
+    section = DataSection(**{"source": d, "resolution": R, "val_fraction": 0.3, "val_max_samples": 6, **data})
+    return DataSpec(section, seed=11, batch_size=16)
 
 
 def test_build_datasets_end_to_end(ray_local, dataset_dir, tokenizer_dir):
@@ -363,7 +364,8 @@ def test_build_datasets_end_to_end(ray_local, dataset_dir, tokenizer_dir):
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_worker_streams_visit_each_sample_once_per_epoch_in_a_new_seeded_order(ray_local, dataset_dir, tokenizer_dir,
                                                                                world):
-    from raydiff.data.pipeline import planned_train_dataset, share_chunks
+    from raydiff.data.loader import planned_train_dataset
+    from raydiff.data.pipeline import share_chunks
     from raydiff.data.stream import EPOCH_COLUMN, ORDER_COLUMN, StreamPosition, Units, epoch_share
 
     spec = _spec(dataset_dir, val_fraction=0.0, shuffle_window=8)

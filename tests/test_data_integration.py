@@ -25,7 +25,7 @@ def cfg_for(storage_path, source, *overrides):
                                       "scaling.num_workers=1", "train.batch_size=8",
                                       "checkpoint.every_n_steps=2", "data.val_fraction=0.2",
                                       # the data path is under test here, not the sample images or the bias chain
-                                      "validation.prompts=[]", "validation.sample_steps=0",
+                                      "validation.prompts=[]", "validation.exposure_bias_denoising_steps=0",
                                       "logging.sample_prompts=[]", *overrides])
 
 

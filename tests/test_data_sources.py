@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from raydiff import storage
+from raydiff.config import DataSection
 from raydiff.data import sources, stats
 from raydiff.data.pipeline import DataSpec, build_datasets
 
@@ -101,8 +102,9 @@ def _train(spec: DataSpec, tokenizer: str) -> dict[str, np.ndarray]:
     return _collect(build_datasets(spec, tokenizer, epoch=0)["train"])
 
 
-def _spec(source: str, **kw) -> DataSpec:
-    return DataSpec(**{"source": source, "resolution": R, "val_fraction": 0.0, "batch_size": 4, **kw})
+def _spec(source: str, stats_actor: str | None = None, **data) -> DataSpec:
+    section = DataSection(**{"source": source, "resolution": R, "val_fraction": 0.0, **data})
+    return DataSpec(section, batch_size=4, stats_actor=stats_actor)
 
 
 def _check_all_samples(cols: dict[str, np.ndarray], tokenizer: str) -> None:
@@ -137,8 +139,8 @@ def _rows(spec: DataSpec) -> dict[int, str]:
     out: dict[int, str] = {}
     ds = chunk_dataset(manifest, unit_chunks(manifest, np.arange(manifest.num_rows), 0))
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        data, paths = image_parts(batch[spec.image_column])
-        for d, p, c in zip(data, paths, batch[spec.caption_column].to_pylist()):
+        data, paths = image_parts(batch[spec.data.image_column])
+        for d, p, c in zip(data, paths, batch[spec.data.caption_column].to_pylist()):
             w = decode_image(load_bytes(d, p, fs)).size[0]
             assert w not in out
             out[w] = c

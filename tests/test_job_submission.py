@@ -165,7 +165,7 @@ def submit(jobs: JobsCLI, submission_id: str, storage: str, cache: str) -> None:
     # Validation (with its sample images) only at the start and the end: the job's stop and resume are under test.
     overrides = ["run.storage_path=$RAYDIFF_STORAGE_PATH", "run.name=job", f"train.max_steps={STEPS}",
                  f"checkpoint.every_n_steps={CKPT_EVERY}", f"validation.every_n_steps={STEPS}",
-                 "data.demo_num_images=96", "data.val_fraction=0.15", "logging.sample_steps=2"]
+                 "data.demo_num_images=96", "data.val_fraction=0.15", "logging.sample_denoising_steps=2"]
     jobs.run("submit", "--submission-id", submission_id, "--no-wait", "--working-dir", ".",
              "--runtime-env-json", json.dumps(runtime_env), "--",
              "python", "-m", "raydiff.train", *(a for o in overrides for a in ("--set", o)))

@@ -29,6 +29,7 @@ from safetensors.torch import load_file
 
 from raydiff import hub
 from raydiff import models as m
+from raydiff.config import DataSection
 from raydiff.data import pipeline
 from raydiff.data.demo import write_demo_dataset
 
@@ -337,13 +338,13 @@ def test_offline_a_seeded_cache_serves_training_and_preprocessing(seeded_cache, 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     data = write_demo_dataset(str(tmp_path / "data"), num_images=4)
     batch = pq.read_table(sorted(glob.glob(os.path.join(data, "*.parquet")))[0])
-    ref = pipeline.Preprocessor(tiny_sdxl, resolution=64)(batch)
+    ref = pipeline.Preprocessor(tiny_sdxl, DataSection(resolution=64))(batch)
     attempts = refuse_connections(monkeypatch)
     assert hub.local_pretrained(REPO) == seeded_cache
     _assert_unet_is(m.load_components(REPO, unet_dtype=torch.bfloat16).unet, _tiny_weight(tiny_sdxl), torch.bfloat16)
     # What a Ray Data preprocessing task runs, on a batch of the demo dataset, with the hub id the driver hands out
     pipeline._tokenizers.cache_clear()
-    out = pipeline._preprocess(batch, tokenizer_path=hub.model_ref(REPO, "main"), settings={"resolution": 64})
+    out = pipeline._preprocess(batch, tokenizer_path=hub.model_ref(REPO, "main"), settings={"data": DataSection(resolution=64)})
     assert out["input_ids"].tolist() == ref["input_ids"].tolist() and len(out["input_ids"]) == batch.num_rows
     assert attempts == []
     shutil.rmtree(os.path.join(seeded_cache, "unet"))

@@ -16,9 +16,11 @@ import torch
 from PIL import Image
 
 from raydiff import models
+from raydiff.config import DataSection
 from raydiff.data import stats
 from raydiff.data.demo import write_demo_dataset
-from raydiff.data.pipeline import DataSpec, build_manifest, drop_caption, planned_train_dataset, share_chunks
+from raydiff.data.loader import planned_train_dataset
+from raydiff.data.pipeline import DataSpec, build_manifest, drop_caption, share_chunks
 from raydiff.data.precompute import (
     LATENT_COLUMN,
     EncoderSpec,
@@ -136,8 +138,8 @@ def _assert_same_inputs(a: dict, b: dict) -> None:
 
 def test_cache_and_streamed_precompute_give_the_online_unet_inputs(ray_local, tiny_sdxl, source, tmp_path):
     actor = stats.create()
-    spec = DataSpec(source=source, resolution=R, val_fraction=0.2, val_max_samples=3, seed=SEED, batch_size=8,
-                    caption_dropout=DROPOUT, stats_actor=actor)
+    spec = DataSpec(DataSection(source=source, resolution=R, val_fraction=0.2, val_max_samples=3,
+                                caption_dropout=DROPOUT), seed=SEED, batch_size=8, stats_actor=actor)
     index = build_manifest(spec)
     encoder = EncoderSpec(pretrained=tiny_sdxl, mode="latents")
     cache_dir = str(tmp_path / "cache")
@@ -193,7 +195,8 @@ def test_cache_and_streamed_precompute_give_the_online_unet_inputs(ray_local, ti
     # Miss (another cache directory) on a change of preprocessing, encoder dtype, model files, source files or split.
     key = fingerprint(spec, encoder, index)
     assert os.path.basename(root) == key
-    assert fingerprint(dataclasses.replace(spec, center_crop=True), encoder, index) != key
+    assert fingerprint(dataclasses.replace(spec, data=dataclasses.replace(spec.data, center_crop=True)), encoder,
+                       index) != key
     assert fingerprint(dataclasses.replace(spec, seed=SEED + 1), encoder, index) != key
     assert fingerprint(spec, dataclasses.replace(encoder, text_dtype="bfloat16"), index) != key
     assert fingerprint(spec, encoder, dataclasses.replace(index, val_rows=index.val_rows[1:])) != key
@@ -219,7 +222,8 @@ def test_cache_on_a_bucket_is_built_once_and_read_back(ray_local, tiny_sdxl, sou
     """data.cache_dir on a real S3-API server: the build, the manifest commit, a hit, and the per-epoch read."""
     from raydiff import storage
 
-    spec = DataSpec(source=source, resolution=R, val_fraction=0.2, val_max_samples=3, seed=SEED, batch_size=8)
+    spec = DataSpec(DataSection(source=source, resolution=R, val_fraction=0.2, val_max_samples=3), seed=SEED,
+                    batch_size=8)
     index = build_manifest(spec)
     encoder = EncoderSpec(pretrained=tiny_sdxl, mode="text")
     cache_dir = f"{s3_bucket}/cache"

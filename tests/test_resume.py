@@ -38,7 +38,7 @@ def overrides(storage, name: str, zero: int, *extra: str) -> list[str]:
     buckets = ["data.buckets=[64x64,80x48,48x80]"]
     return [f"run.storage_path={storage}", f"run.name={name}", f"train.max_steps={STEPS}", f"deepspeed.zero_stage={zero}",
             "checkpoint.every_n_steps=2", "checkpoint.keep=2", "validation.every_n_steps=2",
-            "validation.sample_steps=0", "validation.prompts=[]", "logging.sample_prompts=[]",
+            "validation.exposure_bias_denoising_steps=0", "validation.prompts=[]", "logging.sample_prompts=[]",
             "data.demo_num_images=30", "data.val_max_samples=2", "run.max_failures=1",
             *(latents if zero == 3 else buckets), *extra]
 

@@ -39,7 +39,8 @@ def finished_run(ray_local, tmp_path_factory, raydiff_cache):
     root = tmp_path_factory.mktemp("outputs")
     overrides = [f"run.storage_path={root}", "run.name=watched", f"train.max_steps={STEPS}",
                  "validation.every_n_steps=3", "checkpoint.every_n_steps=3", "data.demo_num_images=96",
-                 "data.val_fraction=0.15", f"logging.mlflow_uri=file://{root}/mlruns", "logging.sample_steps=2",
+                 "data.val_fraction=0.15", f"logging.mlflow_uri=file://{root}/mlruns",
+                 "logging.sample_denoising_steps=2",
                  # TensorBoard and MLflow mirror Ray reports; report every step so they hold every metrics.jsonl row.
                  "train.report_every_n_steps=1"]
     env = {**os.environ, "RAYDIFF_CACHE": raydiff_cache, "PYTHONPATH": str(REPO)}

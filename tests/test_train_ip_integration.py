@@ -23,7 +23,8 @@ def test_linear_decay_v_prediction_min_snr_ema(ray_local, tmp_path):
         "checkpoint.every_n_steps=8", "data.demo_num_images=64", "data.val_fraction=0.15",
         "objective.gamma_schedule=linear_decay", "objective.gamma_decay_steps=6", "objective.prediction_type=v_prediction",
         "objective.snr_gamma=5", "objective.noise_offset=0.05", "train.ema_decay=0.9", "data.caption_dropout=0.1",
-        "validation.sample_steps=4", "validation.prompts=[a red circle, a blue square]", "validation.image_steps=2",
+        "validation.exposure_bias_denoising_steps=4", "validation.prompts=[a red circle, a blue square]",
+        "validation.image_denoising_steps=2",
         "scaling.num_workers=1"])  # the objective, EMA and images are under test; the resume tests cover 2 workers
     # The export fails at the last step (a file where the model directory goes): the run's last step must already be
     # in a checkpoint, so that the relaunch only exports, and trains nothing again.

@@ -166,7 +166,8 @@ def sweep_command(storage: Path) -> list[str]:
     # The shipped tiny sweep (2 trials at a time, ASHA at steps 2, 4, ... with reduction factor 2), stored in tmp.
     # No exposure-bias chain or end-of-run sample grid per trial: their own tests cover them; the sweep is slow enough.
     return [sys.executable, "-m", "raydiff.tune", "--config", "tune_tiny_cpu", "--set", f"run.storage_path={storage}",
-            "--set", "run.name=sweep", "--set", "validation.sample_steps=0", "--set", "logging.sample_prompts=[]"]
+            "--set", "run.name=sweep", "--set", "validation.exposure_bias_denoising_steps=0",
+            "--set", "logging.sample_prompts=[]"]
 
 
 def run_env(raydiff_cache: str) -> dict:

@@ -16,12 +16,14 @@ import hashlib
 import json
 import posixpath
 import tarfile
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow.fs as pafs
 
+from raydiff import storage
 from raydiff.data import sources
 
 MANIFEST_FILE = "data_manifest.json"  # in the run directory
@@ -165,11 +167,7 @@ def build(source: str, fmt: str | None, image_column: str, caption_column: str, 
             raise KeyError(f"column(s) {missing} not in parquet file {src.files[0]}; available: {sorted(names)}")
     if src.format == "imagefolder":
         if workdir is None:
-            import tempfile
-
             workdir = tempfile.mkdtemp(prefix="raydiff-listing-")
-        from raydiff import storage
-
         files = sources.write_listing(src, image_column, caption_column,
                                       storage.join(workdir, f"listing-{fingerprint(stats, src.format)}"))
         unit_fs = storage.filesystem(workdir)[0]

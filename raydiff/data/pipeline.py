@@ -2,8 +2,8 @@
 
 Start-up reads metadata only (``build_manifest``: listing, parquet footers, tar headers): the read units, their row
 counts and the held-out validation rows (``raydiff.data.manifest``). Training reads each worker's seeded stream
-(``planned_batches``; the arithmetic is in ``raydiff.data.stream``): read chunks of whole units, each read once per
-epoch across workers, then preprocessed by Ray Data tasks in the stream's order. One Ray Data execution serves a
+(``raydiff.data.loader``; the arithmetic is in ``raydiff.data.stream``): read chunks of whole units, each read once
+per epoch across workers, then preprocessed by Ray Data tasks in the stream's order. One Ray Data execution serves a
 worker's whole run, so there is no start-up at an epoch boundary.
 
 Seeding: each sample's crop/flip rng is ``SeedSequence([seed, epoch, crc32(image bytes)])`` — identical on any
@@ -25,9 +25,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
+from raydiff import tokens
+from raydiff.config import DataSection
 from raydiff.data import manifest as manifests
 from raydiff.data import sources, stats
-from raydiff.data.buckets import BUCKET_COLUMN, closest_bucket
+from raydiff.data.buckets import BUCKET_COLUMN, closest_bucket, parse_buckets
 from raydiff.data.manifest import Manifest
 from raydiff.data.sources import FILE_COLUMN
 from raydiff.data.stream import (
@@ -40,7 +42,6 @@ from raydiff.data.stream import (
     Units,
     epoch_of,
     epoch_share,
-    rebatch,
 )
 from raydiff.data.transforms import (
     ImageDecodeError,
@@ -64,40 +65,22 @@ MAX_LOGGED_SKIPS = 5  # per preprocessing process and settings; every skip is co
 
 @dataclass
 class DataSpec:
-    """What to read and how to preprocess it; filled by the caller from the config."""
+    """A run's data: the config's data section, passed as it is (raydiff.config validates it; the driver sets
+    ``data.source`` to the demo dataset's path when unset), and what the run adds once: the seed, the counter actor,
+    a precompute's encoder or cache."""
 
-    source: str  # local file / dir / glob, or an s3:// / gs:// URI
-    format: str | None = None  # parquet | imagefolder | webdataset; None: detected from the files
-    image_column: str = "image"
-    caption_column: str = "text"
-    resolution: int = 64
-    center_crop: bool = False
-    random_flip: bool = True
-    val_fraction: float = 0.05
-    val_max_samples: int = 16
-    seed: int = 0
-    on_error: str = "skip"  # skip | raise
-    caption_dropout: float = 0.0  # train split only: probability of the empty caption
-    max_aspect_ratio: float = 4.0  # long/short side above this: skipped
+    data: DataSection
+    seed: int = 0  # train.seed
     stats_actor: str | None = None  # name of the run's DataStats actor (raydiff.data.stats.create)
-    buckets: tuple[tuple[int, int], ...] = ()  # (width, height) aspect-ratio buckets; () = square crops
     batch_size: int = 32  # rows per preprocessing call
     concurrency: int = PREPROCESS_TASKS  # concurrent preprocessing tasks
     encoder: dict | None = None  # streamed precompute: a raydiff.data.precompute.EncoderSpec for each epoch stream
     cache: str | None = None  # cached precompute: the cache's data directory, read instead of the source
-    shuffle_window: int = SHUFFLE_WINDOW  # rows a worker shuffles together (whole units; raydiff.data.stream)
 
-    def __post_init__(self) -> None:
-        if self.on_error not in ("skip", "raise"):
-            raise ValueError(f"on_error must be 'skip' or 'raise', got {self.on_error!r}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.resolution <= 0 or self.batch_size <= 0 or self.val_max_samples < 0:
-            raise ValueError("resolution and batch_size must be > 0, val_max_samples >= 0")
-        if self.shuffle_window < 1:
-            raise ValueError(f"shuffle_window must be >= 1, got {self.shuffle_window}")
-        if self.max_aspect_ratio < 1:
-            raise ValueError(f"max_aspect_ratio must be >= 1, got {self.max_aspect_ratio}")
+    @property
+    def buckets(self) -> list[tuple[int, int]]:
+        """(width, height) aspect-ratio buckets of ``data.buckets``; [] = square crops."""
+        return parse_buckets(self.data.buckets, self.data.resolution)
 
 
 class RowError(ValueError):
@@ -161,9 +144,10 @@ def drop_caption(seed: int, epoch: int, key: int, p: float) -> bool:
 
 
 def build_manifest(spec: DataSpec, workdir: str | None = None, filesystem: Any = None) -> Manifest:
-    """Units, row counts and held-out rows of ``spec.source``, from metadata (raydiff.data.manifest)."""
-    return manifests.build(spec.source, spec.format, spec.image_column, spec.caption_column, spec.val_fraction,
-                           spec.val_max_samples, workdir, filesystem)
+    """Units, row counts and held-out rows of ``data.source``, from metadata (raydiff.data.manifest)."""
+    d = spec.data
+    return manifests.build(d.source, d.format, d.image_column, d.caption_column, d.val_fraction, d.val_max_samples,
+                           workdir, filesystem)
 
 
 def read_chunk(batch: pa.Table, *, manifest: Manifest, stats_actor: str | None = None) -> pa.Table:
@@ -220,45 +204,25 @@ def training_rows(manifest: Manifest) -> np.ndarray:
     return manifest.global_rows(np.arange(manifest.num_train))
 
 
-def _max_length(tokenizer: Any) -> int:
-    # Tokenizers saved without a config report a huge sentinel; CLIP's context is 77.
-    n = getattr(tokenizer, "model_max_length", None)
-    return int(n) if isinstance(n, int) and 0 < n <= 4096 else 77
-
-
 class Preprocessor:
     """Callable class for ``map_batches``: decode → plan/apply crop → time_ids → tokenize with both tokenizers.
     Crops, flips and caption dropout are seeded by (seed, ``epoch``, sample)."""
 
-    def __init__(
-        self,
-        tokenizer_path: str,
-        *,
-        image_column: str = "image",
-        caption_column: str = "text",
-        resolution: int = 64,
-        center_crop: bool = False,
-        random_flip: bool = True,
-        seed: int = 0,
-        epoch: int = 0,
-        on_error: str = "skip",
-        caption_dropout: float = 0.0,
-        max_aspect_ratio: float | None = None,
-        filesystem: Any = None,
-        stats_actor: str | None = None,
-        buckets: tuple[tuple[int, int], ...] = (),
-        cache_rows: bool = False,
-    ) -> None:
-        """``cache_rows``: rows for a precompute cache — both flips of the crop (``*_flipped`` columns), no caption
-        dropout (drawn per epoch when the cache is read), and the sample's key and identity."""
+    def __init__(self, tokenizer_path: str, data: DataSection | None = None, *, seed: int = 0, epoch: int = 0,
+                 filesystem: Any = None, stats_actor: str | None = None, cache_rows: bool = False) -> None:
+        """``data``: the config's data section (columns, resolution, crops, flips, buckets, on_error, caption
+        dropout; default: its defaults). ``cache_rows``: rows for a precompute cache — both flips of the crop
+        (``*_flipped`` columns), no caption dropout (drawn per epoch when the cache is read), and the sample's key
+        and identity."""
+        d = data or DataSection()
         self.tokenizers = _tokenizers(tokenizer_path)
-        self.image_column, self.caption_column = image_column, caption_column
-        self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
-        self.seed, self.epoch, self.on_error = seed, epoch, on_error
-        self.caption_dropout = 0.0 if cache_rows else caption_dropout
-        self.both_flips, self.identities = cache_rows and random_flip, cache_rows
-        self.max_aspect_ratio, self.filesystem, self.stats_actor = max_aspect_ratio, filesystem, stats_actor
-        self.buckets = [tuple(b) for b in buckets]
+        self.image_column, self.caption_column = d.image_column, d.caption_column
+        self.resolution, self.center_crop, self.random_flip = d.resolution, d.center_crop, d.random_flip
+        self.seed, self.epoch, self.on_error = seed, epoch, d.on_error
+        self.caption_dropout = 0.0 if cache_rows else d.caption_dropout
+        self.both_flips, self.identities = cache_rows and d.random_flip, cache_rows
+        self.max_aspect_ratio, self.filesystem, self.stats_actor = d.max_aspect_ratio, filesystem, stats_actor
+        self.buckets = parse_buckets(d.buckets, d.resolution)
         self.num_skipped = 0
         self._row = -1  # the row being preprocessed (its global row in the source; -1 when unknown)
         self._counts: dict[str, list[int]] = {}  # this batch's counted rows, flushed to the stats actor per batch
@@ -292,16 +256,8 @@ class Preprocessor:
         stats.record(self.stats_actor, self._counts, self._examples)
         self._counts, self._examples = {}, []
 
-    def _tokenize(self, captions: list[str]) -> list[np.ndarray]:
-        out = []
-        for tok in self.tokenizers:
-            n = _max_length(tok)
-            if not captions:
-                out.append(np.zeros((0, n), dtype=np.int64))
-                continue
-            ids = tok(captions, padding="max_length", max_length=n, truncation=True, return_tensors="np")
-            out.append(np.asarray(ids["input_ids"], dtype=np.int64))
-        return out
+    def _tokenize(self, captions: list[str]) -> tuple[np.ndarray, ...]:
+        return tokens.tokenize(self.tokenizers, captions)
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         data, paths = image_parts(batch[self.image_column])
@@ -360,14 +316,8 @@ def _stack(arrays: list[np.ndarray]) -> np.ndarray:
 
 @functools.lru_cache(maxsize=4)
 def _tokenizers(tokenizer_path: str) -> tuple:
-    """Both tokenizers of the model ``tokenizer_path`` names (a local path, ``"tiny"`` or ``org/name[@revision]``,
-    raydiff.hub.model_ref), from this node's copy of their files: a task makes no hub call once the node has them."""
-    from transformers import CLIPTokenizer  # imported here: only the processes that preprocess pay for it
-
-    from raydiff import hub  # no torch: a preprocessing task stays light
-
-    path = hub.local_pretrained(tokenizer_path, parts=hub.TOKENIZERS)
-    return tuple(CLIPTokenizer.from_pretrained(path, subfolder=sub) for sub in hub.TOKENIZERS)
+    """This process's copy of both tokenizers of the model ``tokenizer_path`` names (raydiff.tokens)."""
+    return tokens.load_tokenizers(tokenizer_path)
 
 
 _PREPROCESSORS: dict[bytes, Preprocessor] = {}  # this process's, by pickled settings (one per epoch and split)
@@ -388,41 +338,17 @@ def _preprocess(batch: pa.Table, *, tokenizer_path: str, settings: dict) -> dict
 def _preprocessed(ds: ray.data.Dataset, manifest: Manifest, spec: DataSpec, tokenizer_path: str,
                   epoch: int = 0, cache_rows: bool = False) -> ray.data.Dataset:
     settings = {
-        "image_column": spec.image_column,
-        "caption_column": spec.caption_column,
-        "resolution": spec.resolution,
-        "center_crop": spec.center_crop,
-        "random_flip": spec.random_flip,
+        "data": spec.data,
         "seed": spec.seed,
         "epoch": epoch,  # rows of the training stream carry their own (EPOCH_COLUMN)
-        "on_error": spec.on_error,
-        "caption_dropout": spec.caption_dropout,
-        "max_aspect_ratio": spec.max_aspect_ratio,
         # Only image-folder rows are paths to read; parquet structs' paths are labels (or local files).
         "filesystem": manifest.filesystem if manifest.format == "imagefolder" else None,
         "stats_actor": spec.stats_actor,
-        "buckets": spec.buckets,
         "cache_rows": cache_rows,
     }
     return ds.map_batches(_preprocess, batch_size=spec.batch_size, batch_format="pyarrow",
                           compute=ray.data.TaskPoolStrategy(size=spec.concurrency),
                           fn_kwargs={"tokenizer_path": tokenizer_path, "settings": settings})
-
-
-def planned_train_dataset(spec: DataSpec, tokenizer_path: str, manifest: Manifest,
-                          chunks: list[dict]) -> ray.data.Dataset:
-    """A worker's read chunks (raydiff.data.stream) as training rows in its stream order: read, then preprocessed
-    with each row's epoch's crop and flip (and, with a streamed precompute, encoded). With a precompute cache the
-    chunks' rows come from the cache instead."""
-    from raydiff.data import precompute
-
-    if spec.cache:
-        return precompute.cached_train_dataset(spec, chunks)
-    ds = _preprocessed(chunk_dataset(manifest, chunks, spec.stats_actor), manifest, spec, tokenizer_path)
-    if spec.encoder:
-        ds = precompute.encode_stage(ds, precompute.EncoderSpec(**spec.encoder), spec.batch_size)
-    ds.context.execution_options.preserve_order = True
-    return ds
 
 
 def build_datasets(spec: DataSpec, tokenizer_path: str, epoch: int = 0,
@@ -436,7 +362,8 @@ def build_datasets(spec: DataSpec, tokenizer_path: str, epoch: int = 0,
     a dataset's execution options: pass ``preserve_order=True`` for "val" there).
     """
     manifest = manifest or build_manifest(spec)
-    val_spec = replace(spec, center_crop=True, random_flip=False, caption_dropout=0.0, buckets=())
+    val_spec = replace(spec, data=replace(spec.data, center_crop=True, random_flip=False, caption_dropout=0.0,
+                                          buckets=[]))
     out = {}
     for split, rows, split_spec, split_epoch in (("train", training_rows(manifest), spec, epoch),
                                                  ("val", manifest.val_rows, val_spec, 0)):
@@ -477,65 +404,3 @@ def stream_legs(manifest: Manifest, seed: int, pos: StreamPosition, rank: int, r
             j = max(j, share.end)
             epoch += 1
         yield chunks
-
-
-def planned_batches(spec: DataSpec, tokenizer_path: str, manifest: Manifest, pos: StreamPosition, rank: int,
-                    batch_size: int, prefetch_batches: int = 2,
-                    rows_needed: int | None = None) -> Iterator[tuple[dict[str, np.ndarray], tuple[int, list], int]]:
-    """Rank ``rank``'s training batches from its row ``pos.consumed[rank]`` on, epoch after epoch:
-    (numpy batch of ``batch_size`` rows, (resume row, rows emitted after it), epoch of the batch's last row).
-
-    ``rows_needed`` (the rows the run still trains on) sizes the first Ray Data execution, so a whole run is one
-    execution; bad rows use up more and a further one follows. Ends if a whole execution yields no usable row
-    (every row was skipped), so the caller can stop with the data error."""
-    n = manifest.num_train
-    if n == 0:
-        return
-    leg = max(rows_needed or 0, n // max(pos.world, 1) + 1)
-
-    def rows() -> Iterator[dict[str, np.ndarray]]:
-        for chunks in stream_legs(manifest, spec.seed, pos, rank, leg, spec.shuffle_window):
-            got = 0
-            it = _outside_placement_group(planned_train_dataset(spec, tokenizer_path, manifest, chunks))
-            try:
-                for block in it.iter_batches(batch_size=None, batch_format="numpy",
-                                             prefetch_batches=prefetch_batches):
-                    got += len(block[ORDER_COLUMN])
-                    yield block
-            finally:
-                _stop(it)
-            if not got:
-                return
-
-    group = BUCKET_COLUMN if spec.buckets else None
-    for batch, resume, emitted in rebatch(rows(), batch_size, group, pos.emitted[rank]):
-        epoch = int(batch.pop(EPOCH_COLUMN).max())
-        yield batch, (resume, emitted), epoch
-
-
-@ray.remote(num_cpus=0)
-class _SplitLauncher:
-    def split(self, ds: ray.data.Dataset):
-        return ds.streaming_split(1)[0]
-
-
-def _outside_placement_group(ds: ray.data.Dataset):
-    """An iterator over ``ds`` whose execution (read, sort, preprocessing) is scheduled outside the caller's placement
-    group: a training worker's group can capture the tasks it launches (it does inside Tune trials), and they could
-    never fit the worker's bundle. A launcher actor placed with the default strategy creates the split coordinator
-    that runs the execution; the launcher stays alive as long as the iterator."""
-    launcher = _SplitLauncher.options(scheduling_strategy="DEFAULT").remote()
-    it = ray.get(launcher.split.remote(ds))
-    it._raydiff_launcher = launcher  # keeps the coordinator's owner alive
-    return it
-
-
-def _stop(it) -> None:
-    """End an epoch's execution at once. Left to Ray, the coordinator gets SIGTERM when its owner (the launcher) goes;
-    landing inside a Ray Data finalizer, that printed a SystemExit traceback per epoch per worker. ray.kill ends the
-    process without running Python handlers. `_coord_actor` is Ray Data's (2.60) handle on the split coordinator:
-    without it, only the launcher is killed and Ray stops the coordinator as before."""
-    for actor in (getattr(it, "_coord_actor", None), getattr(it, "_raydiff_launcher", None)):
-        if actor is not None:
-            ray.kill(actor)
-

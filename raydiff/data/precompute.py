@@ -26,12 +26,24 @@ import uuid
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
-from raydiff import storage
+from raydiff import storage, tokens
 from raydiff.data import stats
+from raydiff.data.pipeline import (
+    FLIPPED_SUFFIX,
+    KEY_COLUMN,
+    DataSpec,
+    _preprocessed,
+    chunk_dataset,
+    chunk_items,
+    drop_caption,
+    training_rows,
+    unit_chunks,
+)
 from raydiff.data.stream import EPOCH_COLUMN, ORDER_COLUMN, ROW_COLUMN
 from raydiff.data.transforms import plan_crop, sample_rng
 
@@ -82,7 +94,7 @@ class Encoder:
     def encode_text(self, ids: np.ndarray, ids_2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         import torch
 
-        from raydiff import models
+        from raydiff import models  # (as in __init__)
 
         with torch.no_grad():
             embeds, pooled = models.encode_prompt(self.text_encoder, self.text_encoder_2, ids, ids_2,
@@ -93,7 +105,7 @@ class Encoder:
         """Latent moments per row; rows of different sizes (aspect-ratio buckets) are encoded per size."""
         import torch
 
-        from raydiff import models
+        from raydiff import models  # (as in __init__)
 
         if pixels.dtype != object:  # one size: one VAE call
             with torch.no_grad():
@@ -132,8 +144,6 @@ def choose_epoch_variant(batch: dict[str, np.ndarray], *, seed: int, random_flip
                          caption_dropout: float, empty: dict[str, np.ndarray], epoch: int = 0) -> dict:
     """Cache rows → training rows of their epoch (``_epoch``, else ``epoch``): the flip the online path would draw
     (from the same per-sample generator) and the seeded caption dropout (the stored empty-prompt encoding)."""
-    from raydiff.data.pipeline import FLIPPED_SUFFIX, KEY_COLUMN, drop_caption
-
     keys = batch[KEY_COLUMN]
     epochs = batch[EPOCH_COLUMN] if EPOCH_COLUMN in batch else np.full(len(keys), epoch)
     flips = np.zeros(len(keys), dtype=bool)
@@ -165,11 +175,9 @@ def _pick(plain: np.ndarray, flipped: np.ndarray, flips: np.ndarray) -> np.ndarr
     return out
 
 
-def read_cached_chunk(batch, *, filesystem: pafs.FileSystem, root: str, index: dict[str, list]) -> "pa.Table":
+def read_cached_chunk(batch, *, filesystem: pafs.FileSystem, root: str, index: dict[str, list]) -> pa.Table:
     """A Ray Data task: one read chunk's rows from the cache, in stream order. Reads only the cache row groups that
     hold them; a row the cache build skipped (a bad image) is left out, as a decode failure would be online."""
-    import pyarrow as pa
-
     (epoch,), (first,), (rows,) = (batch[c].to_pylist() for c in ("epoch", "first", "rows"))
     g = np.asarray(rows, dtype=np.int64)
     entry = np.searchsorted(np.asarray(index["first"]), g, "right") - 1
@@ -196,17 +204,16 @@ def read_cached_chunk(batch, *, filesystem: pafs.FileSystem, root: str, index: d
 
 def cached_train_dataset(spec, chunks: list[dict]) -> ray.data.Dataset:
     """A worker's read chunks (raydiff.data.stream) from the cache (``spec.cache``), in its stream order."""
-    from raydiff.data.pipeline import chunk_items
-
     index = json.loads(storage.read_text(storage.join(spec.cache, ROW_INDEX)))
     ds = chunk_items(chunks)
     # The filesystem travels pickled, with the endpoint and credentials resolved here (raydiff.storage).
     fs, root = storage.filesystem(spec.cache)
     ds = ds.map_batches(read_cached_chunk, batch_size=1, batch_format="pyarrow",
                         fn_kwargs={"filesystem": fs, "root": root, "index": index})
+    d = spec.data
     ds = ds.map_batches(choose_epoch_variant, batch_format="numpy", batch_size=spec.batch_size,
-                        fn_kwargs={"seed": spec.seed, "random_flip": spec.random_flip, "center_crop": spec.center_crop,
-                                   "caption_dropout": spec.caption_dropout, "empty": read_empty_prompt(spec.cache)})
+                        fn_kwargs={"seed": spec.seed, "random_flip": d.random_flip, "center_crop": d.center_crop,
+                                   "caption_dropout": d.caption_dropout, "empty": read_empty_prompt(spec.cache)})
     ds.context.execution_options.preserve_order = True
     return ds
 
@@ -218,12 +225,11 @@ def fingerprint(spec, encoder: EncoderSpec, manifest) -> str:
     """What the cached rows depend on: the encoders' files, their dtype, the preprocessing, the seed (epoch 0's
     crops), the source's files (names, sizes, modification times) and the held-out rows: a changed dataset or
     split misses the cache."""
-    from raydiff.data.pipeline import DataSpec
-
     assert isinstance(spec, DataSpec)
-    preprocessing = {k: getattr(spec, k) for k in ("format", "image_column", "caption_column", "resolution",
-                                                    "center_crop", "random_flip", "max_aspect_ratio", "seed",
-                                                    "on_error", "buckets", "val_fraction", "val_max_samples")}
+    preprocessing = {k: getattr(spec.data, k) for k in ("format", "image_column", "caption_column", "resolution",
+                                                         "center_crop", "random_flip", "max_aspect_ratio", "on_error",
+                                                         "val_fraction", "val_max_samples")}
+    preprocessing |= {"seed": spec.seed, "buckets": spec.buckets}  # bucket sizes, however data.buckets names them
     enc = {k: v for k, v in asdict(encoder).items() if k not in ("concurrency", "num_gpus")}
     key = {"version": CACHE_VERSION, "encoder": enc, "preprocessing": preprocessing,
            "model_files": _model_files(encoder), "source": manifest.fingerprint,
@@ -234,7 +240,7 @@ def fingerprint(spec, encoder: EncoderSpec, manifest) -> str:
 def _model_files(encoder: EncoderSpec) -> list:
     """(file, size, mtime) of the local encoder and tokenizer files: re-saving a model there changes the key.
     Hub ids are identified by their id and revision (part of the encoder spec)."""
-    from raydiff import models
+    from raydiff import models  # on the driver only ("tiny" may need building: torch); cache tasks stay light
 
     out = []
     for name, subs in ((encoder.pretrained, ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")),
@@ -267,8 +273,6 @@ def ensure_cache(spec, encoder: EncoderSpec, tokenizer_path: str, manifest, cach
 
 
 def _build_cache(spec, encoder: EncoderSpec, tokenizer_path: str, manifest, root: str) -> str:
-    from raydiff.data.pipeline import _preprocessed, chunk_dataset, training_rows, unit_chunks
-
     print(f"[raydiff] precompute cache miss: encoding the training split into {root}", flush=True)
     before = stats.metrics(spec.stats_actor)
     ds = chunk_dataset(manifest, unit_chunks(manifest, training_rows(manifest), 0))
@@ -300,9 +304,7 @@ def _build_cache(spec, encoder: EncoderSpec, tokenizer_path: str, manifest, root
 @ray.remote(num_cpus=1)
 def _encode_empty_prompt(encoder: dict, tokenizer_path: str) -> dict[str, np.ndarray]:
     """The empty prompt's encoding, which caption dropout substitutes for a caption at training time."""
-    from raydiff.data.pipeline import Preprocessor
-
-    ids, ids_2 = Preprocessor(tokenizer_path)._tokenize([""])  # tokenized exactly as a dropped caption online
+    ids, ids_2 = tokens.tokenize(tokens.load_tokenizers(tokenizer_path), [""])  # as a dropped caption online
     embeds, pooled = Encoder(encoder).encode_text(ids, ids_2)
     return {"prompt_embeds": embeds[0], "pooled": pooled[0]}
 

@@ -21,7 +21,9 @@ from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pcsv
 import pyarrow.fs as pafs
+import pyarrow.json as pjson
 import pyarrow.parquet as pq
 
 from raydiff import storage
@@ -105,9 +107,6 @@ def _folder_rows(batch: pa.Table | pa.RecordBatch, meta: str, image_column: str,
 
 def _metadata_batches(fs: pafs.FileSystem, path: str) -> Iterator[pa.RecordBatch]:
     """A metadata.jsonl / metadata.csv file in record batches, streamed (never whole in memory)."""
-    import pyarrow.csv as pcsv
-    import pyarrow.json as pjson
-
     with fs.open_input_stream(path) as f:
         if path.lower().endswith(".csv"):
             reader = pcsv.open_csv(f, convert_options=pcsv.ConvertOptions(column_types={"file_name": pa.string()}))

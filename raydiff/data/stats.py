@@ -22,6 +22,8 @@ import pyarrow.fs as pafs
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from raydiff import storage
+
 logger = logging.getLogger(__name__)
 
 NAMESPACE = "raydiff"
@@ -132,8 +134,6 @@ def create(num_rows: int = 0, run_dir: str | None = None) -> str:
     name = f"data-stats-{uuid.uuid4().hex[:12]}"
     where = None
     if run_dir:
-        from raydiff import storage
-
         where = storage.filesystem(run_dir)
     on_driver_node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     _HANDLES[name] = DataStats.options(name=name, namespace=NAMESPACE,

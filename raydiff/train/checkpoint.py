@@ -29,6 +29,8 @@ import posixpath
 import random
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -37,9 +39,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow.fs as pafs
+import ray.train
 import torch
+from ray.train import Checkpoint
 
-from raydiff.train.deepspeed_setup import DEEPSPEED_CHECKED, deepspeed_checked
+from raydiff.compat import DEEPSPEED_CHECKED, deepspeed_checked, train_storage
 
 DS_TAG = "deepspeed"  # one DeepSpeed tag per Ray checkpoint directory
 STATE_FILE = "trainer_state.json"
@@ -139,11 +143,9 @@ def report(metrics: dict, local_dir: str, *, mode=None, wait: bool = False) -> N
     (``delete_local_checkpoint_after_upload``), and Ray registers the checkpoint once every rank's upload is done, so
     a run that dies mid-upload resumes from the previous one. ``wait``: return only once uploaded (the last
     checkpoint of a run, before the export)."""
-    import ray.train
-
     global _in_flight
     mode = ray.train.CheckpointUploadMode.ASYNC if mode is None else mode
-    fs, base = _storage()
+    fs, base = train_storage()  # where checkpoint_upload_fn must write: Ray's DeveloperAPI (raydiff.compat)
     done: Future = Future()
 
     def upload_fn(checkpoint, dir_name: str):
@@ -209,20 +211,6 @@ def _copy(src: str, src_fs: pafs.FileSystem, dst: str, dst_fs: pafs.FileSystem) 
                     use_threads=not isinstance(dst_fs, pafs.S3FileSystem))
 
 
-def _storage() -> tuple[pafs.FileSystem, str]:
-    """(filesystem, experiment directory) of this Ray Train run. ``get_storage()`` is Ray's DeveloperAPI; read here
-    only, for the destination ``checkpoint_upload_fn`` must write to."""
-    import ray
-    import ray.train
-
-    storage = ray.train.get_context().get_storage()
-    try:
-        return storage.storage_filesystem, storage.experiment_fs_path
-    except AttributeError as err:
-        raise RuntimeError(f"Ray {ray.__version__}: ray.train.get_context().get_storage() has no {err.name!r}, which "
-                           "raydiff/train/checkpoint.py `_storage` reads to upload checkpoints") from err
-
-
 # ---------------------------------------------------------------- checking (on the checkpoint's own filesystem)
 
 
@@ -253,8 +241,6 @@ def check_complete(fs: pafs.FileSystem, path: str) -> None:
 def latest_complete(checkpoint, announce: bool = True):
     """``checkpoint`` if complete, else the newest complete checkpoint beside it (a warning names each one passed
     over, printed when ``announce``: one rank is enough); raises IncompleteCheckpoint when none is."""
-    from ray.train import Checkpoint
-
     fs, parent = checkpoint.filesystem, posixpath.dirname(checkpoint.path.rstrip("/"))
     siblings = fs.get_file_info(pafs.FileSelector(parent, allow_not_found=True))
     names = sorted((i.path for i in siblings if i.type == pafs.FileType.Directory
@@ -284,9 +270,6 @@ def saved_world_size(checkpoint) -> int:
 def to_universal(ckpt_dir: str, out_dir: str) -> str:
     """Convert the DeepSpeed part of a checkpoint to DeepSpeed's universal format (optimizer state merged per
     parameter, loadable at any world size); returns the directory to pass to ``load_checkpoint(tag=DS_TAG)``."""
-    import subprocess
-    import sys
-
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
            os.path.join(ckpt_dir, DS_TAG), "--output_folder", os.path.join(out_dir, DS_TAG),
            "--inject_missing_state", "--num_extract_workers", "1", "--num_merge_workers", "1"]
@@ -350,13 +333,13 @@ _warned: set[str] = set()
 
 
 def _warn_layout_once() -> None:
-    import deepspeed
+    import deepspeed  # here: only for its version, in the rare warning
 
     if "layout" not in _warned:
         _warned.add("layout")
         print(f"[raydiff] WARNING: DeepSpeed {deepspeed.__version__} is outside the versions whose checkpoint layout "
               f"raydiff knows ({DEEPSPEED_CHECKED}): each rank reads the whole checkpoint on resume. Run "
-              "tests/test_checkpoint.py against it and widen raydiff.train.deepspeed_setup.DEEPSPEED_CHECKED.",
+              "tests/test_checkpoint.py against it and widen raydiff.compat.DEEPSPEED_CHECKED.",
               flush=True)
 
 

@@ -6,23 +6,10 @@ import math
 
 import torch
 
-from raydiff.config import Config
+from raydiff import compat
+from raydiff.config import Config, Precision, per_choice
 
-PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-# DeepSpeed versions [from, to) whose private layouts raydiff reads were checked against: the ZeRO-1/2 fragment map
-# (`param._hp_mapping`, raydiff.train.ema) and the checkpoint files each rank loads (raydiff.train.checkpoint.rank_files).
-# tests/test_ema.py and tests/test_checkpoint.py check both on real engines; widen the range after running them.
-DEEPSPEED_CHECKED = ((0, 14), (0, 20))
-
-
-def deepspeed_checked() -> bool:
-    import re
-
-    import deepspeed
-
-    version = tuple(int(p) for p in re.findall(r"\d+", deepspeed.__version__)[:2])
-    return DEEPSPEED_CHECKED[0] <= version < DEEPSPEED_CHECKED[1]
+PRECISION_DTYPES = per_choice(Precision, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16})
 
 
 def deepspeed_config(cfg: Config, world_size: int) -> dict:
@@ -74,9 +61,9 @@ def initialize_engine(**initialize_kwargs):
     collective training never uses; and a build killed midway leaves its `lock` file behind, on which every later run
     then waits forever. Marking the op incompatible makes the backend use plain torch.distributed (gloo) throughout.
     """
-    import deepspeed
+    import deepspeed  # here: the driver imports this module for PRECISION_DTYPES and needs no DeepSpeed
 
-    deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
+    compat.disable_deepspeed_op(SHM_COMM_OP)
     return deepspeed.initialize(**initialize_kwargs)
 
 
@@ -84,7 +71,7 @@ def build_optimizer(params, cfg: Config) -> torch.optim.Optimizer:
     opt = cfg.optim
     params = [p for p in params if p.requires_grad]
     if opt.optimizer == "adafactor":
-        from transformers.optimization import Adafactor
+        from transformers.optimization import Adafactor  # here: only this optimizer needs transformers
 
         # The published IP recipe: a fixed lr, no relative step, no parameter scaling.
         return Adafactor(params, lr=opt.lr, weight_decay=opt.weight_decay, scale_parameter=False,

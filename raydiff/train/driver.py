@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import socket
 import sys
@@ -16,14 +17,21 @@ from dataclasses import dataclass, field
 import ray
 import ray.data
 import ray.train
+from ray.data import ExecutionOptions
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
-from ray._private.services import find_bootstrap_address  # where ray.init itself looks for a `ray start` cluster
 
 from raydiff import console, models, shape, storage
-from raydiff.config import Config, ConfigError, is_uri, load_config, run_dir, storage_path
+from raydiff.compat import find_bootstrap_address
+from raydiff.config import Config, ConfigError, help_text, is_uri, load_config, markdown_table, run_dir, storage_path
+from raydiff.data import manifest as manifests
+from raydiff.data import sources, stats
+from raydiff.data.demo import ensure_demo_dataset
+from raydiff.data.pipeline import PREPROCESS_TASKS, DataSpec, build_datasets, build_manifest
+from raydiff.data.precompute import EncoderSpec, ensure_cache
 from raydiff.train import summary as summ
 from raydiff.train import tracking
+from raydiff.train.deepspeed_setup import PRECISION_DTYPES
 from raydiff.train.entry import train_loop_per_worker
 from raydiff.train.metrics_log import read_metrics
 
@@ -83,31 +91,17 @@ def _local_cluster_answers() -> bool:
 def run_cpus(cfg: Config) -> float:
     """Logical CPUs one run needs to never stall: its workers, each worker's preprocessing tasks (and streamed
     encoder actors) at full concurrency, and one for the read and sort tasks that feed them."""
-    from raydiff.data.pipeline import PREPROCESS_TASKS
-
     streamed_encoders = cfg.data.precompute_concurrency if cfg.data.precompute != "none" and not cfg.data.cache_dir else 0
     return cfg.scaling.num_workers * (cfg.scaling.cpus_per_worker + PREPROCESS_TASKS + streamed_encoders) + 1
 
 
-def data_spec(cfg: Config, stats_actor: str | None = None):
-    from raydiff.data.buckets import parse_buckets
-    from raydiff.data.demo import ensure_demo_dataset
-    from raydiff.data.pipeline import DataSpec
-
+def data_spec(cfg: Config, stats_actor: str | None = None) -> DataSpec:
+    """The run's data: its data section, with the generated demo dataset's path when data.source is unset."""
     source = cfg.data.source or ensure_demo_dataset(models.default_cache_dir(), num_images=cfg.data.demo_num_images)
-    d = cfg.data
-    return DataSpec(source=source, image_column=d.image_column, caption_column=d.caption_column,
-                    resolution=d.resolution, center_crop=d.center_crop, random_flip=d.random_flip,
-                    val_fraction=d.val_fraction, val_max_samples=d.val_max_samples, seed=cfg.train.seed,
-                    on_error=d.on_error, caption_dropout=d.caption_dropout, format=d.format,
-                    max_aspect_ratio=d.max_aspect_ratio, stats_actor=stats_actor,
-                    buckets=tuple(parse_buckets(d.buckets, d.resolution)), shuffle_window=d.shuffle_window)
+    return DataSpec(dataclasses.replace(cfg.data, source=source), seed=cfg.train.seed, stats_actor=stats_actor)
 
 
 def encoder_spec(cfg: Config):
-    from raydiff.data.precompute import EncoderSpec
-    from raydiff.train.deepspeed_setup import PRECISION_DTYPES
-
     m, d = cfg.model, cfg.data
     return EncoderSpec(pretrained=m.pretrained, mode=d.precompute, vae=m.vae, revision=m.revision, variant=m.variant,
                        text_dtype=str(PRECISION_DTYPES[cfg.deepspeed.precision]).removeprefix("torch."),
@@ -117,10 +111,6 @@ def encoder_spec(cfg: Config):
 
 def with_precompute(cfg: Config, spec, tokenizer_path: str, manifest):
     """The data spec with its precompute: an encoder stage in every epoch stream, or a cache built (or found) now."""
-    import dataclasses
-
-    from raydiff.data.precompute import ensure_cache
-
     if cfg.data.precompute == "none":
         return spec
     encoder = encoder_spec(cfg)
@@ -148,10 +138,6 @@ def run_data(cfg: Config, workdir: str):
     """(data spec with its counter actor, source manifest, tokenizer model name) of a run, or a sweep, kept in
     `workdir`: the manifest holds the units and held-out rows (from metadata; every worker plans from it), the counter
     actor the distinct-row counters shared by preprocessing tasks and training workers."""
-    import dataclasses
-
-    from raydiff.data import stats
-
     spec = data_spec(cfg)
     manifest = run_manifest(spec, workdir)
     spec = dataclasses.replace(spec, stats_actor=stats.create(manifest.num_rows, workdir))
@@ -166,15 +152,11 @@ def resolve_dir(path: str) -> str:
 
 def _ordered():
     """Validation batches in a fixed order: each batch's fixed noise is keyed by its index."""
-    from ray.data import ExecutionOptions
-
     return ExecutionOptions(preserve_order=True)
 
 
 def build_trainer(cfg: Config, callbacks: list | None = None) -> TorchTrainer:
     """A TorchTrainer for one run; `run.name` + `run.storage_path` identify it, so relaunching resumes it."""
-    import dataclasses
-
     spec, manifest, tokenizer_path = run_data(cfg, run_dir(cfg))
     stats_actor = spec.stats_actor
     print(f"[raydiff] data: {cfg.data.source or 'generated demo dataset'} ({manifest.format}): "
@@ -183,7 +165,7 @@ def build_trainer(cfg: Config, callbacks: list | None = None) -> TorchTrainer:
           flush=True)
     val = validation_dataset(spec, tokenizer_path, manifest, stats_actor)
     spec = with_precompute(cfg, spec, tokenizer_path, manifest)
-    data = {"spec": dataclasses.asdict(spec), "tokenizer_path": tokenizer_path, "manifest": manifest}
+    data = {"spec": spec, "tokenizer_path": tokenizer_path, "manifest": manifest}
     s = cfg.scaling
     # An explicit filesystem carries the endpoint and credentials to Ray Train's controller and workers.
     store_fs, store_path = storage.filesystem(storage_path(cfg)) if is_uri(storage_path(cfg)) else (None, storage_path(cfg))
@@ -213,21 +195,17 @@ def run_manifest(spec, path: str):
     """The source's manifest for this run: built at its first launch and kept in the run directory, so a relaunch
     reads no footers again and trains on the very units it started on. A source whose files changed since is
     refused, naming what changed: resuming would silently shift the stream."""
-    from raydiff.data import manifest as manifests
-    from raydiff.data import sources
-    from raydiff.data.pipeline import build_manifest
-
     saved = storage.join(path, manifests.MANIFEST_FILE)
     if not storage.exists(saved):
         manifest = build_manifest(spec, workdir=storage.join(path, "data"))
         storage.write_text(saved, manifest.to_json())
         return manifest
-    src = sources.resolve(spec.source, spec.format)
+    src = sources.resolve(spec.data.source, spec.data.format)
     unit_fs = storage.filesystem(path)[0] if src.format == "imagefolder" else src.filesystem
     manifest = manifests.Manifest.from_json(storage.read_text(saved), src.filesystem, unit_fs)
     now = manifests.file_stats(src.filesystem, src.files)
     if manifests.fingerprint(now, src.format) != manifest.fingerprint:
-        raise RuntimeError(f"data.source {spec.source!r} changed since this run started: "
+        raise RuntimeError(f"data.source {spec.data.source!r} changed since this run started: "
                            f"{manifests.describe_change(manifest, now)}. Resuming would shift the training stream; "
                            f"restore the files it started on, or start a new run (another run.name).")
     return manifest
@@ -236,9 +214,6 @@ def run_manifest(spec, path: str):
 def validation_dataset(spec, tokenizer_path: str, manifest, stats_actor: str):
     """The held-out split, preprocessed once here and kept in the object store (at most data.val_max_samples rows):
     every worker, and every worker group after a restart, reads these blocks instead of the source."""
-    from raydiff.data import stats
-    from raydiff.data.pipeline import build_datasets
-
     val = build_datasets(spec, tokenizer_path, manifest=manifest)["val"].materialize()
     if val.count() == 0:  # no held-out row, or every one was skipped: say why before any worker starts
         raise stats.no_data_error(stats_actor, "validation")
@@ -271,8 +246,6 @@ def run_training(cfg: Config, callbacks: list | None = None) -> RunOutputs:
         tracking.end_mlflow_run(cfg, mlflow_run, status="FAILED")
         raise
     finally:
-        from raydiff.data import stats
-
         stats.flush_all()  # the distinct-row counters a relaunch continues from
     out = RunOutputs(run_dir=path, model_dir=storage.join(path, "final"),
                      metrics_path=storage.join(path, "metrics.jsonl"),
@@ -315,7 +288,27 @@ def parse_args(argv: list[str] | None, prog: str, description: str) -> argparse.
     parser.add_argument("--verbose", action="store_true",
                         help=f"show every line Ray and the libraries print (also {console.VERBOSE_ENV}=1); by default "
                              "they go to Ray's log files only")
-    return parser.parse_args(argv)
+    parser.add_argument("--help-config", action="store_true",
+                        help="list every config key (type, default, meaning; with --config, that config's values "
+                             "too) and exit")
+    parser.add_argument("--markdown", action="store_true", help="with --help-config: as the README's key tables")
+    args = parser.parse_args(argv)
+    if args.markdown and not args.help_config:
+        parser.error("--markdown goes with --help-config")
+    if args.help_config:  # before any Ray work, like --help
+        print(markdown_table() if args.markdown else help_text(*_given_config(parser, args)))
+        parser.exit(0)
+    return args
+
+
+def _given_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[Config | None, str]:
+    """The --config/--set config to show beside the defaults (not validated: its placeholders may still be unset)."""
+    if args.config is None and not args.overrides:
+        return None, ""
+    try:
+        return load_config(args.config, args.overrides, check=False), args.config or "--set"
+    except ConfigError as exc:
+        parser.error(f"config error: {exc}")
 
 
 def load_cli_config(argv: list[str] | None, prog: str, description: str) -> Config:

@@ -6,7 +6,8 @@ weights), and a full fp32 shadow of the 2.6 B-parameter SDXL UNet is 10 GB on ev
 no communication per step. The whole EMA is assembled only for the export (a collective) and is saved per rank.
 
 DeepSpeed has a public per-partition accessor for ZeRO-3 only; the ZeRO-1/2 fragment (``param._hp_mapping``) is
-private and is read here alone (`_fragment`), checked against the DeepSpeed versions it was written for.
+private and is read through raydiff.compat alone (`_fragment`), checked against the DeepSpeed versions it was
+written for.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import os
 import torch
 import torch.distributed as dist
 
-from raydiff.train.deepspeed_setup import DEEPSPEED_CHECKED, deepspeed_checked
+from raydiff import compat
+from raydiff.compat import DEEPSPEED_CHECKED, deepspeed_checked
 
 EMA_SHARD = "ema_rank{}.pt"  # one per rank: {"world", "numel": {name: n}, "slices": {name: (start, fp32 tensor)}}
 LEGACY_EMA = "ema_unet.pt"  # a whole {name: tensor} shadow written by rank 0 (checkpoints from before sharding)
@@ -25,26 +27,25 @@ LEGACY_EMA = "ema_unet.pt"  # a whole {name: tensor} shadow written by rank 0 (c
 
 def _check_deepspeed_version() -> None:
     if not deepspeed_checked():
-        import deepspeed
+        import deepspeed  # here: only for its version, in the error
 
         raise RuntimeError(f"raydiff's sharded EMA reads DeepSpeed's private ZeRO-1/2 fragment map, checked on "
                            f"DeepSpeed {DEEPSPEED_CHECKED} [from, to); found {deepspeed.__version__}. Run "
-                           "tests/test_ema.py against it and widen raydiff.train.deepspeed_setup.DEEPSPEED_CHECKED.")
+                           "tests/test_ema.py against it and widen raydiff.compat.DEEPSPEED_CHECKED.")
 
 
 def _fragment(param: torch.nn.Parameter, rank: int) -> tuple[int, torch.Tensor] | None:
     """(start in the flattened parameter, live fp32 master slice) this rank's optimizer holds, or None."""
     if hasattr(param, "ds_id"):  # ZeRO-3: partition r holds elements [r * n, (r + 1) * n), the last one padded
-        from deepspeed.utils import safe_get_local_fp32_param
+        from deepspeed.utils import safe_get_local_fp32_param  # here: engines exist, so DeepSpeed is imported
 
         local = safe_get_local_fp32_param(param).view(-1)
         start = rank * local.numel()
         numel = max(0, min(local.numel(), param.ds_numel - start))
         return (start, local[:numel]) if numel else None
-    mapping = getattr(param, "_hp_mapping", None)
-    if mapping is not None:  # ZeRO-1/2 (and bf16): a piece of this rank's flat fp32 partition
-        return mapping.lp_fragment_address.start, mapping.get_hp_fragment().view(-1)
-    if param.dtype == torch.float32 and not hasattr(param, "_hp_mapping"):  # ZeRO-0 fp32: the module is the master
+    if compat.has_fragment_map(param):  # ZeRO-1/2 (and bf16): a piece of this rank's flat fp32 partition, or none
+        return compat.fragment(param)
+    if param.dtype == torch.float32:  # ZeRO-0 fp32: the module is the master
         return (0, param.detach().view(-1)) if rank == 0 else None
     return None  # this rank's partition holds no part of this parameter
 

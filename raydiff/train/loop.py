@@ -7,6 +7,7 @@ Read `train_loop_per_worker` top to bottom; the `Worker` methods are its phases.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import os
@@ -19,11 +20,14 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
 from raydiff import console, models, objective, storage, validation
 from raydiff.config import Config, from_dict
 from raydiff.data import stats as data_stats
+from raydiff.data.loader import planned_batches
 from raydiff.data.stream import StreamPosition
+from raydiff.export import export_pipeline, gather_fp32_state_dict
 from raydiff.train import checkpoint as ckpt
 from raydiff.train.checkpoint import DS_TAG, STATE_FILE
 from raydiff.train.deepspeed_setup import (PRECISION_DTYPES, build_lr_scheduler, build_optimizer, deepspeed_config,
@@ -158,7 +162,8 @@ class Worker:
         v = self.cfg.validation
         self.engine.eval()
         sums = torch.zeros(len(v.timesteps), 2, dtype=torch.float64, device=self.device)
-        moments = torch.zeros(max(v.sample_steps, 1), 3, dtype=torch.float64, device=self.device)
+        chain_steps = v.exposure_bias_denoising_steps
+        moments = torch.zeros(max(chain_steps, 1), 3, dtype=torch.float64, device=self.device)
         with torch.no_grad():
             for index, cond, weight in self.my_val_batches():
                 for row, t in enumerate(v.timesteps):
@@ -168,14 +173,14 @@ class Worker:
                                                            0.0, gen, timesteps=ts)
                     losses = objective.mse_per_sample(self.step.predict(noised.noisy, ts, cond), noised.target)
                     sums[row] += torch.stack([losses.sum().double(), torch.tensor(float(losses.numel()), dtype=torch.float64, device=self.device)]) * weight
-                if v.sample_steps:
+                if chain_steps:
                     moments += weight * validation.exposure_bias_moments(
-                        self.step.predict, cond.latents, cond, self.alphas_cumprod, self.prediction_type, v.sample_steps,
+                        self.step.predict, cond.latents, cond, self.alphas_cumprod, self.prediction_type, chain_steps,
                         v.eps_scale, step_generator(self.device, v.seed, index, -1))
         self.engine.train()
         dist.all_reduce(sums)
         metrics = validation.loss_metrics(v.timesteps, sums, self.num_train_timesteps)
-        if v.sample_steps:
+        if chain_steps:
             dist.all_reduce(moments)
             metrics["exposure_bias"], _ = validation.exposure_bias(moments, self.alphas_cumprod.cpu())
         self.render_samples()
@@ -197,8 +202,6 @@ class Worker:
         if self.cfg.deepspeed.zero_stage == 3:  # rank 0 alone cannot run a sharded UNet (its forwards gather)
             print("[raydiff] validation images skipped: ZeRO-3 shards the UNet across ranks", flush=True)
             return
-        from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
-
         c, unet = self.comps, self.engine.module
         scheduler = EulerDiscreteScheduler.from_config(c.noise_scheduler.config, prediction_type=self.prediction_type)
         e = self.step.encoders
@@ -210,16 +213,13 @@ class Worker:
         was_training = unet.training
         unet.eval()
         try:
-            grid = validation.render_grid(pipe, v.prompts, v.image_steps, v.seed, v.eps_scale, self.prediction_type)
+            grid = validation.render_grid(pipe, v.prompts, v.image_denoising_steps, v.seed, v.eps_scale,
+                                          self.prediction_type)
         finally:
             unet.train(was_training)
         self.save_grid(grid)
 
     def save_grid(self, grid) -> None:
-        import io
-
-        import numpy as np
-
         buf = io.BytesIO()
         grid.save(buf, format="PNG")
         path = storage.join(self.run_dir, "samples", f"step_{self.state.step:06d}.png")
@@ -331,12 +331,10 @@ class Worker:
 
     def train_batches(self):
         """(torch batch, rows consumed, epoch) from this rank's seeded stream, from the restored data position."""
-        from raydiff.data.pipeline import DataSpec, planned_batches
-
         d = self.data
         t = self.cfg.train
         rows_needed = (t.max_steps - self.state.step) * t.grad_accum * t.batch_size  # one execution for the run
-        for batch, consumed, epoch in planned_batches(DataSpec(**d["spec"]), d["tokenizer_path"], d["manifest"],
+        for batch, consumed, epoch in planned_batches(d["spec"], d["tokenizer_path"], d["manifest"],
                                                       self.stream, self.rank, t.batch_size, t.prefetch_batches,
                                                       rows_needed):
             yield {c: torch.from_numpy(np.ascontiguousarray(v)) for c, v in batch.items()}, consumed, epoch
@@ -366,8 +364,6 @@ class Worker:
     # ------------------------------------------------------------ export
 
     def export(self) -> None:
-        from raydiff.export import export_pipeline, gather_fp32_state_dict
-
         # Collectives: every rank takes part. With EMA, the export holds the EMA weights (buffers: the live module's).
         state_dict = gather_fp32_state_dict(self.engine, params=self.ema is None)
         ema_weights = self.ema.full_state_dict() if self.ema is not None else None

@@ -14,9 +14,10 @@ from __future__ import annotations
 import torch
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-from raydiff.config import Config
+from raydiff import compat
+from raydiff.config import Attention, Config, per_choice
 
-ATTENTION_PROCESSORS = {"sdpa": AttnProcessor2_0, "eager": AttnProcessor}
+ATTENTION_PROCESSORS = per_choice(Attention, {"sdpa": AttnProcessor2_0, "eager": AttnProcessor})
 
 
 def uses_sdpa(unet: torch.nn.Module) -> bool:
@@ -43,4 +44,4 @@ def apply_speed_settings(unet: torch.nn.Module, cfg: Config) -> torch.nn.Module:
 
 
 def is_compiled(unet: torch.nn.Module) -> bool:
-    return getattr(unet, "_compiled_call_impl", None) is not None
+    return compat.is_compiled(unet)

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import torch
 
 from raydiff import models, objective
-from raydiff.config import ObjectiveSection
+from raydiff.config import Config, ObjectiveSection
 from raydiff.data.precompute import LATENT_COLUMN
+from raydiff.train.deepspeed_setup import PRECISION_DTYPES
 
 
 @dataclass
@@ -45,6 +46,20 @@ class TrainStep:
     gamma_decay_steps: int  # linear_decay reaches 0 here (objective.gamma_decay_steps or train.max_steps)
     dtype: torch.dtype  # the UNet's compute dtype (bf16/fp16/fp32)
     zero_empty_prompt: bool = True  # a dropped caption conditions on zeros (models.encode_prompt)
+
+    @classmethod
+    def build(cls, cfg: Config, engine: torch.nn.Module, encoders: models.FrozenEncoders,
+              alphas_cumprod: torch.Tensor, scheduler_prediction_type: str, dtype: torch.dtype | None = None,
+              zero_empty_prompt: bool | None = None) -> TrainStep:
+        """The step Worker.setup builds from the run config, around any engine: benchmarks and tests build it
+        without a Ray worker. `dtype` defaults to deepspeed.precision's, `zero_empty_prompt` to the model's
+        force_zeros_for_empty_prompt; `scheduler_prediction_type` counts unless objective.prediction_type is set."""
+        o = cfg.objective
+        if zero_empty_prompt is None:
+            zero_empty_prompt = models.zeros_for_empty_prompt(cfg.model.pretrained, cfg.model.revision)
+        return cls(engine, encoders, alphas_cumprod, o.prediction_type or scheduler_prediction_type, o,
+                   o.gamma_decay_steps or cfg.train.max_steps, dtype or PRECISION_DTYPES[cfg.deepspeed.precision],
+                   zero_empty_prompt)
 
     @property
     def device(self) -> torch.device:
@@ -92,3 +107,28 @@ class TrainStep:
         self.engine.backward(loss)
         self.engine.step()
         return loss.detach(), gamma.mean() if isinstance(gamma, torch.Tensor) else gamma
+
+
+class PlainEngine(torch.nn.Module):
+    """The DeepSpeed engine's interface (forward, backward, step) over a plain torch optimizer in one process: the
+    same TrainStep without DeepSpeed, for benchmarks that measure what DeepSpeed costs or must stay small. Every
+    micro-step is an optimizer step (no accumulation), clipped as DeepSpeed's gradient_clipping clips (0: off)."""
+
+    def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float = 0.0,
+                 lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None):
+        super().__init__()
+        self.module, self.optimizer, self.grad_clip, self.lr_scheduler = module, optimizer, grad_clip, lr_scheduler
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()

@@ -10,6 +10,8 @@ import ray
 
 from raydiff import console, storage
 from raydiff.config import Config, is_uri
+from raydiff.generate import generate
+from raydiff.validation import image_grid
 
 LOSS_CURVE = "loss_curve.png"
 SAMPLES = "samples.png"
@@ -34,7 +36,7 @@ class Summary:
 
 def plot_loss_curve(rows: list[dict], path: str) -> str:
     """Training loss (perturbed, per γ) and the fair val_loss against step, written to the local `path`."""
-    import matplotlib
+    import matplotlib  # here: seconds to import, for one plot at the end of a run
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -57,8 +59,6 @@ def plot_loss_curve(rows: list[dict], path: str) -> str:
 
 def _render_grid(model_dir: str, prompts: list[str], steps: int, seed: int, size: int, cloud_env: dict[str, str],
                  verbose: bool):
-    from raydiff.generate import generate, image_grid
-
     if not verbose:
         console.quiet_process()
         console.disable_hf_progress_bars()
@@ -76,8 +76,8 @@ def sample_grid(cfg: Config, model_dir: str):
     """The end-of-run grid: a GPU run renders where a GPU is (not on a CPU-only head node); a CPU run renders here,
     without starting (and importing diffusers into) another Ray worker process."""
     # At the training resolution: what the run learned, not the model's native size (1024 px for a tiny model too).
-    args = (model_dir, cfg.logging.sample_prompts, cfg.logging.sample_steps, cfg.train.seed, cfg.data.resolution,
-            storage.cloud_env(), console.is_verbose())
+    args = (model_dir, cfg.logging.sample_prompts, cfg.logging.sample_denoising_steps, cfg.train.seed,
+            cfg.data.resolution, storage.cloud_env(), console.is_verbose())
     if not cfg.scaling.use_gpu:
         return _render_grid(*args)
     # DEFAULT scheduling: inside a Tune trial the task must not be captured by the trial's tiny placement group.

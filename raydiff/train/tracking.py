@@ -13,9 +13,10 @@ import json
 import math
 import os
 
-from ray.train.v2.api.callback import UserCallback
+import numpy as np
+from ray.train import UserCallback
 
-from raydiff import storage
+from raydiff import hub, storage  # light: the Train controller, which runs RunTracker, imports no torch
 from raydiff.config import Config, is_uri, run_dir
 
 SCALARS = ("loss", "val_loss", "lr", "samples_per_s", "gamma", "epoch")
@@ -27,8 +28,7 @@ def tensorboard_dirs(cfg: Config) -> tuple[str, str | None]:
     target = storage.join(run_dir(cfg), "tensorboard")
     if not is_uri(target):
         return target, None
-    from raydiff import models  # here: the Train controller, which runs this callback, need not import diffusers
-    return os.path.join(models.default_cache_dir(), "tensorboard-staging", cfg.run.name), target
+    return os.path.join(hub.default_cache_dir(), "tensorboard-staging", cfg.run.name), target
 
 
 def reported_scalars(metrics: dict) -> dict[str, float]:
@@ -44,7 +44,7 @@ def flat_params(cfg: Config) -> dict[str, str]:
 
 
 def mlflow_client(cfg: Config):
-    from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient  # here and below: mlflow is an optional extra (logging.mlflow_uri)
 
     if cfg.logging.mlflow_uri.startswith("file:"):
         # MLflow 3 refuses file stores unless opted in; a file:// URI in the config is that opt-in. Set here, as the
@@ -98,7 +98,7 @@ class RunTracker(UserCallback):
 
     def writer(self):
         if self._writer is None:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # here: torch only when TensorBoard is on
 
             self._writer = SummaryWriter(log_dir=tensorboard_dirs(self.cfg)[0])
         return self._writer
@@ -131,8 +131,7 @@ def sync_tensorboard(cfg: Config) -> None:
 
 def log_sample_grid(cfg: Config, grid, step: int) -> None:
     """The end-of-run sample grid as a TensorBoard image (HWC uint8)."""
-    import numpy as np
-    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard import SummaryWriter  # (as in RunTracker.writer)
 
     with SummaryWriter(log_dir=tensorboard_dirs(cfg)[0]) as writer:
         writer.add_image("samples", np.asarray(grid), global_step=step, dataformats="HWC")

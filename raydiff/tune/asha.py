@@ -14,7 +14,7 @@ import json
 
 from ray.tune.schedulers import ASHAScheduler
 
-from raydiff import storage
+from raydiff import compat, storage
 
 
 STATE_KEYS = {"brackets", "trial_bracket", "num_stopped"}
@@ -36,9 +36,10 @@ class ResumableASHA(ASHAScheduler):
 
     def state(self) -> dict:
         """Per bracket, per rung milestone: {trial_id: recorded reward}; and which bracket holds each live trial."""
-        brackets = [[[milestone, dict(recorded)] for milestone, recorded in b._rungs] for b in self._brackets]
-        trials = {tid: self._brackets.index(b) for tid, b in self._trial_info.items()}
-        return {"brackets": brackets, "trial_bracket": trials, "num_stopped": self._num_stopped}
+        all_brackets = compat.asha_brackets(self)
+        brackets = [[[milestone, dict(recorded)] for milestone, recorded in compat.asha_rungs(b)] for b in all_brackets]
+        trials = {tid: all_brackets.index(b) for tid, b in compat.asha_trial_brackets(self).items()}
+        return {"brackets": brackets, "trial_bracket": trials, "num_stopped": compat.asha_num_stopped(self)}
 
     def _state_text(self) -> str:
         return json.dumps(self.state(), indent=1, sort_keys=True)
@@ -54,18 +55,20 @@ class ResumableASHA(ASHAScheduler):
         if not storage.exists(self._state_path):
             return
         saved = self._read_state()
-        if len(saved["brackets"]) != len(self._brackets):
+        brackets = compat.asha_brackets(self)
+        if len(saved["brackets"]) != len(brackets):
             raise ValueError(f"{self._state_path}: {len(saved['brackets'])} ASHA brackets saved, the sweep has "
-                             f"{len(self._brackets)}; the file belongs to another sweep")
-        for bracket, saved_rungs in zip(self._brackets, saved["brackets"]):
-            milestones, saved_milestones = [m for m, _ in bracket._rungs], [m for m, _ in saved_rungs]
+                             f"{len(brackets)}; the file belongs to another sweep")
+        for bracket, saved_rungs in zip(brackets, saved["brackets"]):
+            rungs = compat.asha_rungs(bracket)
+            milestones, saved_milestones = [m for m, _ in rungs], [m for m, _ in saved_rungs]
             if milestones != saved_milestones:
                 raise ValueError(f"{self._state_path}: rungs at steps {saved_milestones} saved, the sweep's are at "
                                  f"{milestones} (grace_period, reduction_factor or max_steps changed)")
-            for (_, recorded), (_, saved_recorded) in zip(bracket._rungs, saved_rungs):
+            for (_, recorded), (_, saved_recorded) in zip(rungs, saved_rungs):
                 recorded.update(saved_recorded)
         self._saved_trial_bracket = saved["trial_bracket"]
-        self._num_stopped = saved["num_stopped"]
+        compat.set_asha_num_stopped(self, saved["num_stopped"])
         self._written = self._state_text()
 
     def _read_state(self) -> dict:
@@ -87,7 +90,7 @@ class ResumableASHA(ASHAScheduler):
         super().on_trial_add(tune_controller, trial)
         saved_bracket = self._saved_trial_bracket.get(trial.trial_id)
         if saved_bracket is not None:  # a restored trial stays in the bracket it was compared in
-            self._trial_info[trial.trial_id] = self._brackets[saved_bracket]
+            compat.asha_trial_brackets(self)[trial.trial_id] = compat.asha_brackets(self)[saved_bracket]
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         action = super().on_trial_result(tune_controller, trial, result)

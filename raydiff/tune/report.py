@@ -91,7 +91,7 @@ def to_markdown(header: list[str], body: list[list[str]]) -> str:
 
 def plot(rows: list[TrialRow], cfg: Config, path: str) -> None:
     """Left: best val_loss against gamma, one line per lr. Right: val_loss learning curves of every trial."""
-    import matplotlib
+    import matplotlib  # here: seconds to import, for one plot at the end of a sweep
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -141,7 +141,7 @@ def best_model_lines(best: TrialRow | None, exported: TrialRow | None) -> list[s
 
 
 def write_sweep_outputs(cfg: Config, sweep_dir: str, runs_dir: str, expected_trials: int) -> SweepSummary:
-    from ray.tune import ExperimentAnalysis
+    from ray.tune import ExperimentAnalysis  # here: the report's pure helpers stay importable without Ray Tune
 
     trials = ExperimentAnalysis(sweep_dir).trials
     rows = rank([trial_row(t, cfg, runs_dir) for t in trials])

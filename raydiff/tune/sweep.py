@@ -11,8 +11,10 @@ import os
 
 import ray
 from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.search import ConcurrencyLimiter
 
-from raydiff import storage
+from raydiff import models, storage
 from raydiff.config import Config, from_dict, run_dir, set_value, storage_path, validate
 from raydiff.train.driver import init_ray, load_cli_config, prepare_precompute_cache, run_cpus, run_training
 from raydiff.tune import asha
@@ -51,8 +53,6 @@ def trial_runs_dir(sweep_dir: str) -> str:
 
 def run_trial(params: dict, base: dict, sweep_dir: str) -> None:
     """One Tune trial: fit a TorchTrainer whose reports reach Tune through TuneReportCallback."""
-    from ray.tune.integration.ray_train import TuneReportCallback
-
     cfg = trial_config(base, params, tune.get_context().get_trial_id(), sweep_dir)
     run_training(cfg, callbacks=[TuneReportCallback()])
 
@@ -86,8 +86,7 @@ def scheduler(cfg: Config, sweep_dir: str):
 def search_alg(cfg: Config, concurrency: int):
     if cfg.tune.search_alg != "optuna":
         return None  # Tune's default: grid keys are expanded, every other key sampled num_samples times
-    from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
+    from ray.tune.search.optuna import OptunaSearch  # here: optuna is optional (config validation checks it)
 
     return ConcurrencyLimiter(OptunaSearch(seed=cfg.train.seed), max_concurrent=concurrency)
 
@@ -116,8 +115,6 @@ def run_sweep(cfg: Config):
     # Train reports val_loss only on validation steps; Tune's scheduler skips the reports without it.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     init_ray(cfg, num_cpus=(cfg.tune.max_concurrent_trials or 1) * cpus_per_trial(cfg))
-    from raydiff import models
-
     models.resolve_pretrained(cfg.model.pretrained)  # build/cache the tiny model once, before trials race for it
     sweep_dir = run_dir(cfg)
     storage.makedirs(sweep_dir)

@@ -1,0 +1,95 @@
+"""A training worker's batches: its stream's read chunks (``raydiff.data.pipeline.stream_legs``) → rows from the
+source, preprocessed (and, with a streamed precompute, encoded) or read from a precompute cache → batches in stream
+order (``raydiff.data.stream.rebatch``). One Ray Data execution serves a worker's whole run.
+
+Above ``pipeline`` (preprocessing) and ``precompute`` (encoders, cache): it picks between them per run.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import ray
+
+from raydiff import compat
+from raydiff.data import precompute
+from raydiff.data.buckets import BUCKET_COLUMN
+from raydiff.data.manifest import Manifest
+from raydiff.data.pipeline import DataSpec, _preprocessed, chunk_dataset, stream_legs
+from raydiff.data.stream import EPOCH_COLUMN, ORDER_COLUMN, StreamPosition, rebatch
+
+
+def planned_train_dataset(spec: DataSpec, tokenizer_path: str, manifest: Manifest,
+                          chunks: list[dict]) -> ray.data.Dataset:
+    """A worker's read chunks (raydiff.data.stream) as training rows in its stream order: read, then preprocessed
+    with each row's epoch's crop and flip (and, with a streamed precompute, encoded). With a precompute cache the
+    chunks' rows come from the cache instead."""
+    if spec.cache:
+        return precompute.cached_train_dataset(spec, chunks)
+    ds = _preprocessed(chunk_dataset(manifest, chunks, spec.stats_actor), manifest, spec, tokenizer_path)
+    if spec.encoder:
+        ds = precompute.encode_stage(ds, precompute.EncoderSpec(**spec.encoder), spec.batch_size)
+    ds.context.execution_options.preserve_order = True
+    return ds
+
+
+def planned_batches(spec: DataSpec, tokenizer_path: str, manifest: Manifest, pos: StreamPosition, rank: int,
+                    batch_size: int, prefetch_batches: int = 2,
+                    rows_needed: int | None = None) -> Iterator[tuple[dict[str, np.ndarray], tuple[int, list], int]]:
+    """Rank ``rank``'s training batches from its row ``pos.consumed[rank]`` on, epoch after epoch:
+    (numpy batch of ``batch_size`` rows, (resume row, rows emitted after it), epoch of the batch's last row).
+
+    ``rows_needed`` (the rows the run still trains on) sizes the first Ray Data execution, so a whole run is one
+    execution; bad rows use up more and a further one follows. Ends if a whole execution yields no usable row
+    (every row was skipped), so the caller can stop with the data error."""
+    n = manifest.num_train
+    if n == 0:
+        return
+    leg = max(rows_needed or 0, n // max(pos.world, 1) + 1)
+
+    def rows() -> Iterator[dict[str, np.ndarray]]:
+        for chunks in stream_legs(manifest, spec.seed, pos, rank, leg, spec.data.shuffle_window):
+            got = 0
+            it = _outside_placement_group(planned_train_dataset(spec, tokenizer_path, manifest, chunks))
+            try:
+                for block in it.iter_batches(batch_size=None, batch_format="numpy",
+                                             prefetch_batches=prefetch_batches):
+                    got += len(block[ORDER_COLUMN])
+                    yield block
+            finally:
+                _stop(it)
+            if not got:
+                return
+
+    group = BUCKET_COLUMN if spec.buckets else None
+    for batch, resume, emitted in rebatch(rows(), batch_size, group, pos.emitted[rank]):
+        epoch = int(batch.pop(EPOCH_COLUMN).max())
+        yield batch, (resume, emitted), epoch
+
+
+@ray.remote(num_cpus=0)
+class _SplitLauncher:
+    def split(self, ds: ray.data.Dataset):
+        return ds.streaming_split(1)[0]
+
+
+def _outside_placement_group(ds: ray.data.Dataset):
+    """An iterator over ``ds`` whose execution (read, sort, preprocessing) is scheduled outside the caller's placement
+    group: a training worker's group can capture the tasks it launches (it does inside Tune trials), and they could
+    never fit the worker's bundle. A launcher actor placed with the default strategy creates the split coordinator
+    that runs the execution; the launcher stays alive as long as the iterator."""
+    launcher = _SplitLauncher.options(scheduling_strategy="DEFAULT").remote()
+    it = ray.get(launcher.split.remote(ds))
+    it._raydiff_launcher = launcher  # keeps the coordinator's owner alive
+    return it
+
+
+def _stop(it) -> None:
+    """End an epoch's execution at once. Left to Ray, the coordinator gets SIGTERM when its owner (the launcher) goes;
+    landing inside a Ray Data finalizer, that printed a SystemExit traceback per epoch per worker. ray.kill ends the
+    process without running Python handlers. Without the coordinator's handle (raydiff.compat.split_coordinator),
+    only the launcher is killed and Ray stops the coordinator as before."""
+    for actor in (compat.split_coordinator(it), getattr(it, "_raydiff_launcher", None)):
+        if actor is not None:
+            ray.kill(actor)
