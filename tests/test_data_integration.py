@@ -68,3 +68,30 @@ def test_every_row_bad_stops_with_a_clear_error(ray_local, tmp_path):
     with pytest.raises(RuntimeError, match=r"produced no samples \(\d+ rows skipped; first: .*(truncated|garbage|panorama)"):
         # val_fraction 0.9: the (deterministic) bad rows have val candidates, so the validation load meets them first
         run_training(cfg_for(str(tmp_path / "runs"), str(d), "data.val_fraction=0.9"))
+
+
+def test_training_stream_runs_in_the_worker_unless_its_placement_group_captures_tasks(ray_local):
+    """A training worker runs its stream's execution in its own process (no launcher and split-coordinator actors to
+    start before the first batch); inside a placement group that captures child tasks (a Tune trial) the execution
+    is placed outside the group, where its tasks can be scheduled at all."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    @ray.remote(num_cpus=0)
+    def iterate() -> tuple[str, int]:
+        from raydiff.data.loader import _stream_iterator
+
+        it = _stream_iterator(ray.data.range(8).map_batches(lambda b: b))
+        return type(it).__name__, sum(len(b["id"]) for b in it.iter_batches(batch_size=None))
+
+    plain_kind, plain_rows = ray.get(iterate.remote())
+    group = placement_group([{"CPU": 0.01}])
+    ray.get(group.ready())
+    try:
+        captured = PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True)
+        captured_kind, captured_rows = ray.get(iterate.options(scheduling_strategy=captured).remote())
+    finally:
+        remove_placement_group(group)
+    assert (plain_rows, captured_rows) == (8, 8)
+    assert captured_kind == "StreamSplitDataIterator" and plain_kind != captured_kind, (plain_kind, captured_kind)

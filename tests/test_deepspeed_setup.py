@@ -46,3 +46,54 @@ def test_engine_starts_past_a_stale_extension_build_lock(tmp_path):
     done = subprocess.run([sys.executable, "-c", ENGINE_SCRIPT], env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "stepped 1 built [] lock True" in done.stdout, done.stdout[-2000:]
+
+
+# One process, world size 1, ZeRO-0: raydiff's engine against plain torch (unfused AdamW, torch's clip) on one batch.
+ALONE_SCRIPT = textwrap.dedent("""
+    import copy
+    import torch
+    import torch.distributed as dist
+
+    from raydiff import config as C
+    from raydiff.train.deepspeed_setup import build_optimizer, deepspeed_config, initialize_engine
+
+    dist.init_process_group("gloo")
+    cfg = C.load_config("tiny_cpu", ["deepspeed.zero_stage=0", "train.batch_size=2", "train.grad_clip=0.05"])
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4))
+    ref = copy.deepcopy(model)
+    optimizer = build_optimizer(model.parameters(), cfg)
+    engine, *_ = initialize_engine(model=model, optimizer=optimizer, config=deepspeed_config(cfg, 1),
+                                   dist_init_required=False)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a lone engine all-reduced its gradients with itself")
+
+    engine.allreduce_gradients = refuse
+    o = cfg.optim
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                                weight_decay=o.weight_decay, foreach=False)
+    x = torch.randn(2, 4)
+    for _ in range(3):
+        engine.backward(engine(x).square().mean())
+        engine.step()
+        ref(x).square().mean().backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), cfg.train.grad_clip)
+        ref_opt.step()
+        ref_opt.zero_grad()
+    diff = max((a - b).abs().max().item() for a, b in zip(model.parameters(), ref.parameters()))
+    print("fused", optimizer.defaults["fused"], "allreduce", engine.enable_backward_allreduce, "diff", diff)
+""")
+
+
+def test_lone_zero0_engine_skips_the_gradient_all_reduce_and_steps_like_plain_torch(tmp_path):
+    """One worker, ZeRO-0: no gradient all-reduce with itself (DeepSpeed would flatten every gradient into buckets for
+    it), a fused AdamW, and after three clipped steps the same weights as torch's own unfused AdamW and clip."""
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions"), "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
+    done = subprocess.run([sys.executable, "-c", ALONE_SCRIPT], env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = next(x for x in done.stdout.splitlines() if x.startswith("fused"))
+    fused, allreduce, diff = line.split()[1], line.split()[3], float(line.split()[5])
+    assert (fused, allreduce) == ("True", "False"), line
+    assert diff < 1e-6, line

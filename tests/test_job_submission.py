@@ -66,7 +66,7 @@ def stop_tree(root: psutil.Process, temp_dir: str) -> None:
     procs = ours(root, temp_dir)
     for p in procs:
         with_ignored(p.send_signal, signal.SIGTERM)
-    _, alive = psutil.wait_procs(procs, timeout=20)
+    _, alive = psutil.wait_procs(procs, timeout=5)  # some never exit on SIGTERM: waiting longer only delays the kill
     for p in alive:
         with_ignored(p.kill)
     psutil.wait_procs(alive, timeout=10)

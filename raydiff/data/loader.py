@@ -51,7 +51,7 @@ def planned_batches(spec: DataSpec, tokenizer_path: str, manifest: Manifest, pos
     def rows() -> Iterator[dict[str, np.ndarray]]:
         for chunks in stream_legs(manifest, spec.seed, pos, rank, leg, spec.data.shuffle_window):
             got = 0
-            it = _outside_placement_group(planned_train_dataset(spec, tokenizer_path, manifest, chunks))
+            it = _stream_iterator(planned_train_dataset(spec, tokenizer_path, manifest, chunks))
             try:
                 for block in it.iter_batches(batch_size=None, batch_format="numpy",
                                              prefetch_batches=prefetch_batches):
@@ -72,6 +72,16 @@ def planned_batches(spec: DataSpec, tokenizer_path: str, manifest: Manifest, pos
 class _SplitLauncher:
     def split(self, ds: ray.data.Dataset):
         return ds.streaming_split(1)[0]
+
+
+def _stream_iterator(ds: ray.data.Dataset):
+    """An iterator over ``ds`` whose execution runs in this process, unless tasks launched here would be captured by
+    this worker's placement group (inside Tune trials), where it runs outside the group."""
+    if ray.get_runtime_context().should_capture_child_tasks_in_placement_group:
+        return _outside_placement_group(ds)
+    # The execution's scheduling thread runs here: no launcher and split-coordinator processes to start (seconds
+    # before the first batch on a small node), no block hops through another actor.
+    return ds.iterator()
 
 
 def _outside_placement_group(ds: ray.data.Dataset):

@@ -84,6 +84,9 @@ class Encoder:
         from raydiff import models  # here, not at import: the per-epoch cache tasks need no torch or diffusers
 
         self.spec = EncoderSpec(**spec)
+        # As many torch threads as the actor holds CPUs (Ray's OMP_NUM_THREADS is read only if torch was not yet
+        # imported in this pooled process).
+        torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
         self.device = torch.device("cuda" if self.spec.num_gpus > 0 and torch.cuda.is_available() else "cpu")
         enc = models.load_encoders(self.spec.pretrained, vae=self.spec.vae, revision=self.spec.revision,
                                    variant=self.spec.variant, text_encoder_dtype=getattr(torch, self.spec.text_dtype),

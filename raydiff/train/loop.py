@@ -35,7 +35,7 @@ from raydiff.train.deepspeed_setup import (PRECISION_DTYPES, build_lr_scheduler,
 from raydiff.train.ema import ShardedEMA
 from raydiff.train.metrics_log import MetricsLog
 from raydiff.train.step import TrainStep, step_generator
-from raydiff.train.speed import apply_speed_settings
+from raydiff.train.speed import apply_speed_settings, use_reserved_cpus
 
 
 
@@ -74,6 +74,7 @@ class Worker:
 
     def setup(self) -> None:
         cfg = self.cfg
+        use_reserved_cpus(cfg.scaling.cpus_per_worker)
         torch.manual_seed(cfg.train.seed)  # identical UNet init on every rank (only matters for from-config models)
         encoder_dtype = self.dtype if self.dtype != torch.float16 else torch.float16
         comps = models.load_components(cfg.model.pretrained, vae=cfg.model.vae, revision=cfg.model.revision,

@@ -43,5 +43,21 @@ def apply_speed_settings(unet: torch.nn.Module, cfg: Config) -> torch.nn.Module:
     return unet
 
 
+def worker_threads(cpus: float) -> int:
+    """Torch intra-op threads for a process holding `cpus` logical CPUs: one per whole CPU, at least one. Ray's
+    default depends on how the process was started (OMP_NUM_THREADS=1 for fractional CPUs, every core for a process
+    outside a reservation); a worker that uses fewer threads than its CPUs leaves them idle, more oversubscribes
+    the node's other workers and Ray Data tasks."""
+    return max(1, int(cpus))
+
+
+def use_reserved_cpus(cpus: float) -> int:
+    """Set this process's torch threads to what its reservation holds (`worker_threads`); returns the count."""
+    threads = worker_threads(cpus)
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return threads
+
+
 def is_compiled(unet: torch.nn.Module) -> bool:
     return compat.is_compiled(unet)
