@@ -51,6 +51,7 @@ def test_engine_starts_past_a_stale_extension_build_lock(tmp_path):
 # One process, world size 1, ZeRO-0: raydiff's engine against plain torch (unfused AdamW, torch's clip) on one batch.
 ALONE_SCRIPT = textwrap.dedent("""
     import copy
+    import deepspeed.runtime.engine
     import torch
     import torch.distributed as dist
 
@@ -67,9 +68,10 @@ ALONE_SCRIPT = textwrap.dedent("""
                                    dist_init_required=False)
 
     def refuse(*args, **kwargs):
-        raise AssertionError("a lone engine all-reduced its gradients with itself")
+        raise AssertionError("a lone engine all-reduced its gradients with itself, or clipped them tensor by tensor")
 
     engine.allreduce_gradients = refuse
+    deepspeed.runtime.engine.clip_grad_norm_ = refuse  # DeepSpeed's per-tensor clip loop: torch's clip instead
     o = cfg.optim
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                                 weight_decay=o.weight_decay, foreach=False)
@@ -88,7 +90,8 @@ ALONE_SCRIPT = textwrap.dedent("""
 
 def test_lone_zero0_engine_skips_the_gradient_all_reduce_and_steps_like_plain_torch(tmp_path):
     """One worker, ZeRO-0: no gradient all-reduce with itself (DeepSpeed would flatten every gradient into buckets for
-    it), a fused AdamW, and after three clipped steps the same weights as torch's own unfused AdamW and clip."""
+    it), torch's clip instead of DeepSpeed's per-tensor loop, a fused AdamW, and after three clipped steps the same
+    weights as torch's own unfused AdamW and clip."""
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions"), "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(free_port()), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
     done = subprocess.run([sys.executable, "-c", ALONE_SCRIPT], env=env, capture_output=True, text=True, timeout=180)

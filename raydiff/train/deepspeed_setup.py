@@ -69,7 +69,19 @@ def initialize_engine(**initialize_kwargs):
         # Alone, a ZeRO-0 engine would still flatten every gradient into buckets and all-reduce them with itself
         # (~9 % of a tiny-model step); DeepSpeed's pipeline engine turns this same switch off for its own reduction.
         engine.enable_backward_allreduce = False
+    if engine.zero_optimization_stage() == 0 and engine.gradient_clipping() > 0 and \
+            not (engine.fp16_enabled() or engine.bfloat16_enabled()):
+        _clip_with_torch(engine)
     return engine, optimizer, loader, scheduler
+
+
+def _clip_with_torch(engine) -> None:
+    """The fp32 clip of a ZeRO-0 engine with torch's clip_grad_norm_: the same norm and scale (the gradients are
+    all-reduced by then, so every rank's local norm is the global one), without DeepSpeed's Python loop over tensors
+    (10 % of a tiny-model step on CPU). Should DeepSpeed stop calling this method, its own clip runs: slower, same."""
+    params = [p for p in engine.module.parameters() if p.requires_grad]
+    max_norm = engine.gradient_clipping()
+    engine.clip_fp32_gradients = lambda: torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
 def build_optimizer(params, cfg: Config) -> torch.optim.Optimizer:
