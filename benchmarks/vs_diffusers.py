@@ -161,7 +161,7 @@ def run_peer(args, model: str, data: str, workdir: str, tag: str) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     times_file = os.path.join(workdir, f"peer-{tag}-steps.json")
     env = {**os.environ, "PEER_STEP_TIMES": times_file, "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_CACHE": os.path.join(workdir, "hf-datasets"), "TQDM_DISABLE": "1"}
+           "HF_DATASETS_CACHE": os.path.join(workdir, "hf-datasets")}
     start, wall = run_timed(peer_command(args, model, data, out), env, os.path.join(workdir, f"peer-{tag}.log"))
     with open(times_file) as f:
         times = json.load(f)

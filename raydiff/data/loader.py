@@ -99,7 +99,11 @@ def _stop(it) -> None:
     """End an epoch's execution at once. Left to Ray, the coordinator gets SIGTERM when its owner (the launcher) goes;
     landing inside a Ray Data finalizer, that printed a SystemExit traceback per epoch per worker. ray.kill ends the
     process without running Python handlers. Without the coordinator's handle (raydiff.compat.split_coordinator),
-    only the launcher is killed and Ray stops the coordinator as before."""
-    for actor in (compat.split_coordinator(it), getattr(it, "_raydiff_launcher", None)):
+    only the launcher is killed and Ray stops the coordinator as before. An execution in this process (no launcher)
+    ends with its iterator."""
+    launcher = getattr(it, "_raydiff_launcher", None)
+    if launcher is None:
+        return
+    for actor in (compat.split_coordinator(it), launcher):
         if actor is not None:
             ray.kill(actor)
