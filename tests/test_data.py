@@ -17,7 +17,7 @@ from PIL import Image
 from raydiff.config import DataSection
 from raydiff.data.demo import ensure_demo_dataset, write_demo_dataset
 from raydiff.data.manifest import choose_val_rows
-from raydiff.data.pipeline import OUTPUT_COLUMNS, DataSpec, build_datasets, build_manifest
+from raydiff.data.pipeline import OUTPUT_COLUMNS, DataSpec, build_datasets, build_manifest, held_out_rows
 from raydiff.data.transforms import (
     CropPlan,
     ImageDecodeError,
@@ -350,6 +350,11 @@ def test_build_datasets_end_to_end(ray_local, dataset_dir, tokenizer_dir):
 
     # Val rows come in listing order.
     assert _as_samples(val) == _expected(exp_val_rows, 11, 0, center=True, flip=False)
+    # The driver's in-process read of the held-out split (a run's few val rows) gives exactly these rows.
+    here = held_out_rows(spec, tokenizer_dir, build_manifest(spec))
+    assert len(here) == len(exp_val_rows)
+    for c in OUTPUT_COLUMNS:
+        np.testing.assert_array_equal(np.stack([row[c] for row in here]), val[c])
     # A second call (another epoch) gives the same val, in the same order, and new train crops for the same images.
     again = build_datasets(spec, tokenizer_dir, epoch=1)
     val2, train2 = _collect(again["val"]), _collect(again["train"])

@@ -22,7 +22,6 @@ from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 
 from raydiff import tokens
@@ -337,7 +336,14 @@ def _preprocess(batch: pa.Table, *, tokenizer_path: str, settings: dict) -> dict
 
 def _preprocessed(ds: ray.data.Dataset, manifest: Manifest, spec: DataSpec, tokenizer_path: str,
                   epoch: int = 0, cache_rows: bool = False) -> ray.data.Dataset:
-    settings = {
+    return ds.map_batches(_preprocess, batch_size=spec.batch_size, batch_format="pyarrow",
+                          compute=ray.data.TaskPoolStrategy(size=spec.concurrency),
+                          fn_kwargs={"tokenizer_path": tokenizer_path,
+                                     "settings": _settings(manifest, spec, epoch, cache_rows)})
+
+
+def _settings(manifest: Manifest, spec: DataSpec, epoch: int = 0, cache_rows: bool = False) -> dict:
+    return {
         "data": spec.data,
         "seed": spec.seed,
         "epoch": epoch,  # rows of the training stream carry their own (EPOCH_COLUMN)
@@ -346,9 +352,6 @@ def _preprocessed(ds: ray.data.Dataset, manifest: Manifest, spec: DataSpec, toke
         "stats_actor": spec.stats_actor,
         "cache_rows": cache_rows,
     }
-    return ds.map_batches(_preprocess, batch_size=spec.batch_size, batch_format="pyarrow",
-                          compute=ray.data.TaskPoolStrategy(size=spec.concurrency),
-                          fn_kwargs={"tokenizer_path": tokenizer_path, "settings": settings})
 
 
 def build_datasets(spec: DataSpec, tokenizer_path: str, epoch: int = 0,
@@ -362,16 +365,35 @@ def build_datasets(spec: DataSpec, tokenizer_path: str, epoch: int = 0,
     a dataset's execution options: pass ``preserve_order=True`` for "val" there).
     """
     manifest = manifest or build_manifest(spec)
-    val_spec = replace(spec, data=replace(spec.data, center_crop=True, random_flip=False, caption_dropout=0.0,
-                                          buckets=[]))
     out = {}
     for split, rows, split_spec, split_epoch in (("train", training_rows(manifest), spec, epoch),
-                                                 ("val", manifest.val_rows, val_spec, 0)):
+                                                 ("val", manifest.val_rows, _held_out_spec(spec), 0)):
         ds = chunk_dataset(manifest, unit_chunks(manifest, rows, split_epoch), spec.stats_actor)
         out[split] = _preprocessed(ds, manifest, split_spec, tokenizer_path, split_epoch).drop_columns(
             [ORDER_COLUMN, EPOCH_COLUMN])
     out["val"].context.execution_options.preserve_order = True
     return out
+
+
+def _held_out_spec(spec: DataSpec) -> DataSpec:
+    """Validation inputs: center crop, no flip, every caption, one size."""
+    return replace(spec, data=replace(spec.data, center_crop=True, random_flip=False, caption_dropout=0.0, buckets=[]))
+
+
+def held_out_rows(spec: DataSpec, tokenizer_path: str, manifest: Manifest) -> list[dict[str, np.ndarray]]:
+    """The rows of build_datasets' "val", in its order, read and preprocessed in this process: a few rows
+    (data.val_max_samples) for which a Ray Data execution would first start and warm up task processes."""
+    val = _held_out_spec(spec)
+    settings = _settings(manifest, val)
+    rows = []
+    for chunk in unit_chunks(manifest, manifest.val_rows, 0):
+        items = pa.table({"epoch": [0], "first": [chunk["first"]], "rows": [np.asarray(chunk["rows"]).tolist()]})
+        table = read_chunk(items, manifest=manifest, stats_actor=spec.stats_actor)
+        for start in range(0, table.num_rows, spec.batch_size):
+            batch = _preprocess(table.slice(start, spec.batch_size), tokenizer_path=tokenizer_path, settings=settings)
+            kept = {k: v for k, v in batch.items() if k not in (ORDER_COLUMN, EPOCH_COLUMN)}
+            rows += [{k: v[i] for k, v in kept.items()} for i in range(len(next(iter(kept.values()), [])))]
+    return rows
 
 
 def share_chunks(manifest: Manifest, share: EpochShare) -> list[dict]:

@@ -27,7 +27,7 @@ from raydiff.config import Config, ConfigError, help_text, is_uri, load_config, 
 from raydiff.data import manifest as manifests
 from raydiff.data import sources, stats
 from raydiff.data.demo import ensure_demo_dataset
-from raydiff.data.pipeline import PREPROCESS_TASKS, DataSpec, build_datasets, build_manifest
+from raydiff.data.pipeline import PREPROCESS_TASKS, DataSpec, build_datasets, build_manifest, held_out_rows
 from raydiff.data.precompute import EncoderSpec, ensure_cache
 from raydiff.train import summary as summ
 from raydiff.train import tracking
@@ -211,11 +211,20 @@ def run_manifest(spec, path: str):
     return manifest
 
 
+# Up to this many held-out rows are preprocessed in the driver itself (pipeline.held_out_rows); more go through Ray
+# Data. 64 rows at 1024 px are ~800 MB of fp32 pixels in the driver.
+IN_DRIVER_VAL_ROWS = 64
+
+
 def validation_dataset(spec, tokenizer_path: str, manifest, stats_actor: str):
     """The held-out split, preprocessed once here and kept in the object store (at most data.val_max_samples rows):
     every worker, and every worker group after a restart, reads these blocks instead of the source."""
-    val = build_datasets(spec, tokenizer_path, manifest=manifest)["val"].materialize()
-    if val.count() == 0:  # no held-out row, or every one was skipped: say why before any worker starts
+    if len(manifest.val_rows) <= IN_DRIVER_VAL_ROWS:
+        rows = held_out_rows(spec, tokenizer_path, manifest)
+        val = ray.data.from_items(rows) if rows else None
+    else:
+        val = build_datasets(spec, tokenizer_path, manifest=manifest)["val"].materialize()
+    if val is None or val.count() == 0:  # no held-out row, or every one was skipped: say why before any worker starts
         raise stats.no_data_error(stats_actor, "validation")
     return val
 
