@@ -4,17 +4,18 @@ The peer is diffusers' `examples/text_to_image/train_text_to_image_sdxl.py`, unm
 docs pin: docs/performance.md, "raydiff vs the diffusers script"). Both train the same tiny random-init SDXL pipeline
 directory (built here with `raydiff.models.build_tiny_sdxl`) on the same image folder (`metadata.jsonl` + PNGs of the
 demo shapes), 64 px center crop, no flip, batch 4, AdamW at a constant LR, grad clip 1.0, fp32, and a checkpoint and
-an exported pipeline at the end; both log every step. The peer encodes the captions and the VAE latents of the whole
-dataset before its first step (with `datasets.map`), so raydiff's layouts include `data.precompute: latents`.
+an exported pipeline at the end. The peer logs every step (a progress bar and a TensorBoard scalar) and encodes the
+captions and VAE latents of the whole dataset before its first step (`datasets.map`), so raydiff's best layout
+precomputes latents too (`data.precompute: latents`).
 
     PYTHONPATH=. python benchmarks/vs_diffusers.py --diffusers-script /path/to/train_text_to_image_sdxl.py \
         --peer-python /path/to/peer-venv/bin/python --steps 500 --rounds 2 --json docs/vs_diffusers_raw.json
 
 Each round runs every trainer once, in a rotated order (a drift of the machine's load hits every side). Per run:
-- steady samples/s: the steps from `--steady-from` to the last, from per-step end times (the peer: a global
+- steady samples/s: the steps from `--steady-from` to the last, from step end times (the peer: a global
   optimizer-step hook, `torch.optim.optimizer.register_optimizer_step_post_hook`, installed by a launcher that then
-  runs the script unchanged; raydiff: the `time` of each `metrics.jsonl` row, one per step);
-- start-up: process start to the end of step 1;
+  runs the script unchanged; raydiff: the `time` of each `metrics.jsonl` row, every step or every 10th);
+- start-up: process start to the end of step 1 (raydiff logging every 10th step: its first row less 9 median steps);
 - wall: process start to exit (the export, the summary and Ray's shutdown included).
 The last line is `ratio raydiff/diffusers = X.XX`: raydiff's best layout over the peer in steady samples/s (medians
 over rounds). `--dry-run` prepares the inputs and runs each trainer for 4 steps without timing anything.
@@ -42,10 +43,12 @@ LAYOUTS = {
     "default": ["scaling.num_workers=1", "scaling.cpus_per_worker=0.5", "deepspeed.zero_stage=2"],
     # The best for one 2-core machine: one worker owning both cores (two torch threads), ZeRO-0 (ZeRO partitions
     # nothing with one worker and its hooks cost per tensor), the latents and embeddings encoded once into a cache,
-    # and a Ray report (a barrier through an actor, tens of ms here) every 100 steps instead of 10: TensorBoard gets
-    # fewer points between validations; metrics.jsonl and the progress line still get every step.
+    # the published recipe's logging cadence (a metrics.jsonl row and a progress line every 10 steps: each line
+    # crosses three processes on its way to the console) and a Ray report (a barrier through an actor, tens of ms
+    # here) every 100 steps: TensorBoard gets fewer points between validations.
     "best": ["scaling.num_workers=1", "scaling.cpus_per_worker=2", "deepspeed.zero_stage=0",
-             "data.precompute=latents", "data.cache_dir={workdir}/raydiff-cache", "train.report_every_n_steps=100"],
+             "data.precompute=latents", "data.cache_dir={workdir}/raydiff-cache", "train.log_every_n_steps=10",
+             "train.report_every_n_steps=100"],
     # Two workers of one core each (data parallel on one machine), online encoding.
     "two_workers": ["scaling.num_workers=2", "scaling.cpus_per_worker=1", "train.batch_size={half_batch}",
                     "deepspeed.zero_stage=2"],
@@ -150,12 +153,17 @@ def run_timed(cmd: list[str], env: dict, log_path: str) -> tuple[float, float]:
 
 
 def rates(step_end_times: dict[int, float], start: float, steady_from: int, batch: int) -> dict:
-    """Steady samples/s over the steps after `steady_from`, and the start-up (process start to the end of step 1)."""
-    last = max(step_end_times)
-    steady = (last - steady_from) * batch / (step_end_times[last] - step_end_times[steady_from])
-    gaps = [step_end_times[s] - step_end_times[s - 1] for s in range(steady_from + 1, last + 1)]
-    return {"steady_samples_per_s": steady, "median_step_s": statistics.median(gaps), "max_step_s": max(gaps),
-            "startup_s": step_end_times[1] - start, "steps": last}
+    """Steady samples/s over the steps after `steady_from` (the first timed step at or after it), median seconds
+    per step between consecutive timed steps, and the start-up: process start to the end of step 1 (estimated from
+    the first timed step and the median when step 1 has no time)."""
+    steps = sorted(s for s in step_end_times if s >= steady_from)
+    first, last = steps[0], steps[-1]
+    steady = (last - first) * batch / (step_end_times[last] - step_end_times[first])
+    per_step = [(step_end_times[b] - step_end_times[a]) / (b - a) for a, b in zip(steps, steps[1:])]
+    median = statistics.median(per_step)
+    s0 = min(step_end_times)
+    return {"steady_samples_per_s": steady, "median_step_s": median, "max_step_s": max(per_step),
+            "startup_s": step_end_times[s0] - start - (s0 - 1) * median, "steps": last}
 
 
 def run_peer(args, model: str, data: str, workdir: str, tag: str) -> dict:
