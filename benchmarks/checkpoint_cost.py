@@ -6,7 +6,7 @@
    the same model, steps and storage. Each worker trains a stand-in of `--params` parameters (a stack of square
    Linear layers, ZeRO-2 bf16 as the SDXL recipe: a checkpoint's bytes depend only on the parameter count and the
    ZeRO layout, not on the architecture) and checkpoints every `--every` steps through the same calls as
-   `Worker.report` (`staging_dir`, `engine.save_checkpoint`, `write_manifest`, `report`). Per checkpoint: `stall`
+   `Checkpointer.save` (`staging_dir`, `engine.save_checkpoint`, `write_manifest`, `report`). Per checkpoint: `stall`
    = the time the training loop spends in that path (waiting for the previous upload + save + `ray.train.report`),
    the slowest rank's, averaged over the checkpoints; `cost` = (loop wall time after the first step - those steps x
    the median step without a checkpoint) / checkpoints, so time lost to an upload competing with training for the
@@ -50,7 +50,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def train_loop(config: dict) -> None:
-    """One Ray Train worker: train, checkpoint like Worker.report, record the timings."""
+    """One Ray Train worker: train, checkpoint like Checkpointer.save, record the timings."""
     import ray.train
     import torch
     import torch.distributed as dist

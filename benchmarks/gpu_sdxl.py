@@ -15,7 +15,7 @@ Without a GPU (CPU, ~30 s):
 What it times is `raydiff.train.step.TrainStep.__call__`, the micro-step `Worker.train_micro_step` runs: the frozen
 VAE and both text encoders (unless the batch carries precomputed `latent_moments`, `prompt_embeds` and `pooled`), the
 IP objective (the recipe's gamma 0.1), the UNet forward through the DeepSpeed engine, `engine.backward` and
-`engine.step()`. The engine, optimizer and LR schedule are built as `Worker.setup` builds them
+`engine.step()`. The engine, optimizer and LR schedule are built as `Worker.__init__` builds them
 (`raydiff.train.speed.apply_speed_settings`, `deepspeed_setup.deepspeed_config` / `build_optimizer` /
 `initialize_engine`) from the recipe config `sdxl_pokemon_blip_ip` (bf16, ZeRO-2, fused AdamW, clip 1.0) with one
 worker, `train.batch_size=--batch-size`, `train.grad_accum=--grad-accum` and `--set` overrides. The models are SDXL
@@ -110,7 +110,7 @@ RESOLUTION = 1024
 RECIPE = "sdxl_pokemon_blip_ip"
 SEED = 0
 CAPTION_TOKENS = 20  # words per synthetic caption (between BOS and EOS)
-# name -> train.* overrides (raydiff.train.speed applies them as Worker.setup does)
+# name -> train.* overrides (raydiff.train.speed applies them as Worker.__init__ does)
 VARIANTS = {"gc": {"gradient_checkpointing": True, "compile": False},
             "eager": {"gradient_checkpointing": False, "compile": False},
             "compile": {"gradient_checkpointing": False, "compile": True},
@@ -150,7 +150,7 @@ def build_unet(device: str | torch.device) -> torch.nn.Module:
 
 
 def build_full(device: str | torch.device, dtype: torch.dtype) -> SDXL:
-    """Full-size SDXL base 1.0, random init, in the dtypes Worker.setup loads it: text encoders in the training
+    """Full-size SDXL base 1.0, random init, in the dtypes Worker.__init__ loads it: text encoders in the training
     precision, VAE and UNet fp32 (the engine casts the UNet's parameters to the training precision)."""
     from diffusers import AutoencoderKL, DDPMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -176,7 +176,7 @@ def build_full(device: str | torch.device, dtype: torch.dtype) -> SDXL:
 
 
 def build_tiny(device: str | torch.device, dtype: torch.dtype) -> SDXL:
-    """The tiny SDXL (built offline), loaded as Worker.setup loads a model."""
+    """The tiny SDXL (built offline), loaded as Worker.__init__ loads a model."""
     from raydiff import models
 
     comps = models.load_components("tiny", text_encoder_dtype=dtype, vae_dtype=torch.float32)
@@ -251,7 +251,7 @@ def recipe_config(args, variant: str, use_gpu: bool):
 
 
 def train_step(model: SDXL, engine, cfg, dtype: torch.dtype | None = None):
-    """TrainStep with Worker.setup's arguments; `dtype`: the UNet's compute dtype (default: the config's precision)."""
+    """TrainStep with the arguments Worker.__init__ passes; `dtype`: the UNet compute dtype (default: the precision)."""
     from raydiff.train.deepspeed_setup import PRECISION_DTYPES
     from raydiff.train.step import TrainStep
 
@@ -262,7 +262,7 @@ def train_step(model: SDXL, engine, cfg, dtype: torch.dtype | None = None):
 
 
 def build_train_step(model: SDXL, cfg):
-    """A fresh UNet through the speed settings into a one-process DeepSpeed engine, as Worker.setup builds it."""
+    """A fresh UNet through the speed settings into a one-process DeepSpeed engine, as Worker.__init__ builds it."""
     from raydiff.train.deepspeed_setup import build_lr_scheduler, build_optimizer, deepspeed_config, initialize_engine
     from raydiff.train.speed import apply_speed_settings
 
@@ -384,7 +384,7 @@ def engine_facts(engine) -> dict:
 
 def run_variant(model: SDXL, variant: str, args, batches: dict, device, use_gpu: bool, flops: dict,
                 peak_tflops: float) -> list:
-    """One engine per variant (built as Worker.setup builds it), every input kind timed on it. After a failed cell
+    """One engine per variant (built as Worker.__init__ builds it), every input kind timed on it. After a failed cell
     the engine's state is undefined, so the variant's later cells are not run."""
     cfg = recipe_config(args, variant, use_gpu)
     rows, step, failure = [], None, None

@@ -8,7 +8,7 @@ objective setting (gamma 0; gamma 0.1 constant / linear_decay / random_strength)
 step: every step is `raydiff.train.step.TrainStep`, built by `TrainStep.build` from the tiny config with that
 objective section, fed batches as a latents precompute stage feeds them (VAE moments, a fresh latent sample per
 step, text embeddings). It then measures with the functions the training loop's validation uses
-(`TrainStep.predict`, `raydiff.objective`, `raydiff.validation`):
+(`TrainStep.predict`, `raydiff.train.validator.val_loss_sums`, `raydiff.validation`):
   * val_loss: unperturbed (gamma 0), fixed timesteps and noise, held-out images;
   * exposure_bias: mean delta_t of a 10-step DDIM chain started from forward-noised held-out latents;
   * fid_latent: Fréchet distance between generated latents (same DDIM chain from pure noise, training captions) and
@@ -32,13 +32,14 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-from raydiff import models, objective, validation
+from raydiff import models, validation
 from raydiff.config import Config, DataSection, load_config
 from raydiff.data.demo import ensure_demo_dataset
 from raydiff.data.pipeline import Preprocessor, row_keys
 from raydiff.data.precompute import LATENT_COLUMN
 from raydiff.train.deepspeed_setup import build_lr_scheduler, build_optimizer
 from raydiff.train.step import Conditioning, PlainEngine, TrainStep
+from raydiff.train.validator import val_loss_sums
 
 CONFIGS = {  # name -> (gamma, schedule)
     "gamma=0": (0.0, "constant"),
@@ -106,18 +107,13 @@ def train(comps, train_split, gamma, schedule, seed, steps, batch, lr) -> TrainS
 
 @torch.no_grad()
 def evaluate(step_fn: TrainStep, train_split, val_split, num_gen: int, chain_steps: int) -> dict:
-    """Worker.validate's metrics on the held-out split (one process) and the latent Fréchet distance, all through
+    """Validator.run's metrics on the held-out split (one process) and the latent Fréchet distance, all through
     TrainStep.predict."""
     ac, kind, predict = step_fn.alphas_cumprod, step_fn.prediction_type, step_fn.predict
     x0 = val_split["latents"]
     cond = conditioning(val_split, torch.arange(x0.shape[0]))
-    sums = []
-    for t in VAL_TIMESTEPS:
-        ts = torch.full((x0.shape[0],), t, dtype=torch.long)
-        noised = objective.make_training_batch(x0, ac, kind, 0.0, torch.Generator().manual_seed(1000 + t), ts)
-        losses = objective.mse_per_sample(predict(noised.noisy, ts, cond), noised.target)
-        sums.append([losses.sum().item(), losses.numel()])
-    out = validation.loss_metrics(VAL_TIMESTEPS, torch.tensor(sums, dtype=torch.float64))
+    sums = val_loss_sums(predict, x0, cond, ac, kind, VAL_TIMESTEPS, lambda t: torch.Generator().manual_seed(1000 + t))
+    out = validation.loss_metrics(VAL_TIMESTEPS, sums)
     moments = validation.exposure_bias_moments(predict, x0, cond, ac, kind, chain_steps, 1.0,
                                                torch.Generator().manual_seed(7))
     out["exposure_bias"], _ = validation.exposure_bias(moments, ac)

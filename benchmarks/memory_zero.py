@@ -93,8 +93,9 @@ def measured_loop(loop_config: dict) -> None:
             return out
         return wrapped
 
-    for phase in ("setup", "train", "export"):
+    for phase in ("train", "export"):
         setattr(loop.Worker, phase, after(phase, getattr(loop.Worker, phase)))
+    loop.Worker.__init__ = after("setup", loop.Worker.__init__)  # the models and the engine are built there
     loop.train_loop_per_worker(loop_config)
     rank = ray.train.get_context().get_world_rank()
     with open(os.path.join(loop_config["memory_dir"], f"rank{rank}.json"), "w") as f:

@@ -4,7 +4,7 @@
     PYTHONPATH=. python benchmarks/train_throughput.py --dry-run --json out.json   # toy size, no Ray
 
 It measures raydiff's step: every side runs `raydiff.train.step.TrainStep`, built by `TrainStep.build` from the
-run config as `Worker.setup` builds it, on the tiny SDXL (`models.load_components("tiny")`) on CPU: the same
+run config as `Worker.__init__` builds it, on the tiny SDXL (`models.load_components("tiny")`) on CPU: the same
 objective (gamma 0.1, epsilon target), batch size, AdamW, grad clipping 1.0 and online encoding (frozen VAE + both
 text encoders in each step), each micro-step with the generator `Worker.train_micro_step` makes:
 
@@ -139,7 +139,7 @@ def in_memory_batches(cfg: Config, count: int, precomputed: bool = False) -> lis
 
 
 class PlainTrainer:
-    """raydiff's TrainStep, built as Worker.setup builds it, without Ray: around a PlainEngine (torch AdamW, no
+    """raydiff's TrainStep, built as Worker.__init__ builds it, without Ray: around a PlainEngine (torch AdamW, no
     DeepSpeed) or, with `deepspeed_zero`, a one-process DeepSpeed engine with raydiff's DeepSpeed config."""
 
     def __init__(self, cfg: Config, deepspeed_zero: int | None = None):

@@ -118,9 +118,9 @@ def test_speed_config_keys_and_validation():
         cfg_with("train.compile=true", "deepspeed.zero_stage=3")
 
 
-def test_worker_setup_applies_speed_settings(tiny_sdxl, monkeypatch):
-    """The hook in Worker.setup: the module handed to deepspeed.initialize carries the configured switches, and the
-    process runs as many torch threads as the worker holds CPUs."""
+def test_worker_applies_speed_settings(tiny_sdxl, monkeypatch, tmp_path):
+    """The hook in Worker.__init__: the module handed to deepspeed.initialize carries the configured switches, and
+    the process runs as many torch threads as the worker holds CPUs."""
     from raydiff.train import loop
 
     seen = {}
@@ -131,14 +131,13 @@ def test_worker_setup_applies_speed_settings(tiny_sdxl, monkeypatch):
 
     monkeypatch.setattr(loop, "initialize_engine", fake_initialize)
     monkeypatch.setattr(loop.ray.train, "get_checkpoint", lambda: None)  # a fresh run
-    worker = object.__new__(loop.Worker)  # no Ray Train context needed for set-up
-    worker.cfg = cfg_with("train.channels_last=true", "train.attention=eager", "train.gradient_checkpointing=true",
-                          "scaling.cpus_per_worker=2")
-    worker.device, worker.dtype, worker.world, worker.rank = torch.device("cpu"), torch.float32, 1, 0
+    cfg = cfg_with("train.channels_last=true", "train.attention=eager", "train.gradient_checkpointing=true",
+                   "scaling.cpus_per_worker=2")
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        worker.setup()
+        # Rank 0 of one, on the CPU: no Ray Train context needed.
+        loop.Worker(cfg, str(tmp_path), None, {}, loop.Place(0, 1, torch.device("cpu")))
         assert torch.get_num_threads() == 2  # the worker's CPUs, whatever the process had
     finally:
         torch.set_num_threads(threads)

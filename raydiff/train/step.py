@@ -51,7 +51,7 @@ class TrainStep:
     def build(cls, cfg: Config, engine: torch.nn.Module, encoders: models.FrozenEncoders,
               alphas_cumprod: torch.Tensor, scheduler_prediction_type: str, dtype: torch.dtype | None = None,
               zero_empty_prompt: bool | None = None) -> TrainStep:
-        """The step Worker.setup builds from the run config, around any engine: benchmarks and tests build it
+        """The step Worker.__init__ builds from the run config, around any engine: benchmarks and tests build it
         without a Ray worker. `dtype` defaults to deepspeed.precision's, `zero_empty_prompt` to the model's
         force_zeros_for_empty_prompt; `scheduler_prediction_type` counts unless objective.prediction_type is set."""
         o = cfg.objective
