@@ -212,7 +212,7 @@ def run_manifest(spec, path: str):
 
 
 # Up to this many held-out rows are preprocessed in the driver itself (pipeline.held_out_rows); more go through Ray
-# Data. 64 rows at 1024 px are ~800 MB of fp32 pixels in the driver.
+# Data. 64 rows at 1024 px are ~200 MB of uint8 pixels in the driver (and once in the object store).
 IN_DRIVER_VAL_ROWS = 64
 
 
