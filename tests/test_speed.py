@@ -165,23 +165,6 @@ def test_torch_threads_follow_the_cpus_a_process_holds():
     assert [speed.worker_threads(c) for c in (0.25, 0.5, 1, 1.5, 2, 8)] == [1, 1, 1, 1, 2, 8]
 
 
-class _Engine:
-    """Stands in for the DeepSpeed engine: forward, backward, step."""
-
-    def __init__(self, unet):
-        self.module, self.opt = unet, torch.optim.SGD(unet.parameters(), lr=1e-3)
-
-    def __call__(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
-
-    def backward(self, loss):
-        loss.backward()
-
-    def step(self):
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-
-
 def _no_host_sync(monkeypatch):
     """Every way our step code could copy a tensor value to the host (a GPU sync) raises instead."""
     def refuse(name):
@@ -196,13 +179,14 @@ def _no_host_sync(monkeypatch):
 @pytest.mark.parametrize("schedule, per_sample", [("random_strength", True), ("random_strength", False),
                                                    ("linear_decay", False)])
 def test_train_step_makes_no_host_sync(comps, monkeypatch, schedule, per_sample):
-    from raydiff.train.step import TrainStep, step_generator
+    from raydiff.train.step import PlainEngine, TrainStep, step_generator
 
     cfg = cfg_with(f"objective.gamma_schedule={schedule}", f"objective.gamma_per_sample={per_sample}",
                    "objective.snr_gamma=5.0", "objective.noise_offset=0.05", "train.batch_size=2")
     encoders = models.FrozenEncoders(comps.vae, comps.text_encoder, comps.text_encoder_2)
-    step = TrainStep(_Engine(comps.unet), encoders, comps.noise_scheduler.alphas_cumprod.float(), "epsilon",
-                     cfg.objective, cfg.train.max_steps, torch.float32, zero_empty_prompt=True)
+    engine = PlainEngine(comps.unet, torch.optim.SGD(comps.unet.parameters(), lr=1e-3))
+    step = TrainStep(engine, encoders, comps.noise_scheduler.alphas_cumprod.float(), "epsilon", cfg.objective,
+                     cfg.train.max_steps, torch.float32, zero_empty_prompt=True)
     ids = torch.from_numpy(models.tokenize((comps.tokenizer, comps.tokenizer_2), ["a red circle", ""])[0])
     batch = {"pixels": torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8), "input_ids": ids,
              "input_ids_2": ids.clone(), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)}
