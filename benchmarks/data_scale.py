@@ -5,7 +5,7 @@
     python benchmarks/data_scale.py --before 099cc3c --json docs/scaling_raw.json   # and the code before, side by side
 
 Each of the W streams runs where a training worker would (an actor per rank, spread over the nodes) and iterates
-``raydiff.data.loader.planned_batches`` exactly as ``Worker.train_batches`` does: one Ray Data execution over its
+``raydiff.data.loader.planned_batches`` exactly as ``Worker.start_batches`` does: one Ray Data execution over its
 read chunks, preprocessing (decode, crop, flip, both tokenizers) in Ray Data tasks, batches of ``--batch`` rows,
 for ``--epochs`` epochs' worth of rows. Every byte of the source is read through ``raydiff.data.iostats``'s counting
 filesystem (any process, any node), so "read" is what the readers really fetched, start-up included: listing, parquet

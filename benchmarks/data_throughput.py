@@ -157,7 +157,8 @@ def training_run(mode: str, steps: int, out_root: str, cache_dir: str, workers: 
     start = time.perf_counter()
     out = run_training(cfg)
     wall = time.perf_counter() - start
-    rates = [r["samples_per_s"] for r in read_metrics(out.metrics_path) if r.get("step", 0) > 5 and "samples_per_s" in r]
+    rates = [r["samples_per_s"] for r in read_metrics(out.metrics_path)
+             if r.get("step", 0) > 5 and "samples_per_s" in r]
     return {"steady_samples_per_s": round(statistics.median(rates), 2), "wall_s": round(wall, 1)}
 
 
@@ -216,7 +217,8 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = resolve_pretrained("tiny")
     data = write_demo_dataset(tempfile.mkdtemp(prefix="raydiff-bench-"), num_images=args.images)
     table = pa.concat_tables([pq.read_table(os.path.join(data, f)) for f in sorted(os.listdir(data))])
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, args.workers + 1), include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, args.workers + 1), include_dashboard=False,
+             log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     spec = DataSpec(DataSection(source=data, resolution=args.resolution, val_fraction=0.0),
                     batch_size=args.batch_size, concurrency=args.workers)

@@ -74,8 +74,8 @@ def model_state_mib(engine) -> dict[str, float]:
     moments = [t for s in base.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
     moment_bytes, _ = _storage_bytes(moments)
     mib = 2**20
-    return {"module_params_mib": round(module_bytes / mib, 2), "optimizer_fp32_copies_mib": round(master_bytes / mib, 2),
-            "adam_moments_mib": round(moment_bytes / mib, 2)}
+    return {"module_params_mib": round(module_bytes / mib, 2),
+            "optimizer_fp32_copies_mib": round(master_bytes / mib, 2), "adam_moments_mib": round(moment_bytes / mib, 2)}
 
 
 def measured_loop(loop_config: dict) -> None:
@@ -111,7 +111,8 @@ def run_stage(stage: int, args, storage: str) -> list[dict]:
         f"run.storage_path={storage}", f"run.name=zero{stage}", "scaling.num_workers=2",
         f"train.max_steps={args.steps}", f"deepspeed.zero_stage={stage}", f"validation.every_n_steps={never}",
         f"checkpoint.every_n_steps={never}", f"train.report_every_n_steps={never}",
-        "validation.exposure_bias_denoising_steps=0", "validation.prompts=[]", "logging.sample_prompts=[]", "logging.tensorboard=false"])
+        "validation.exposure_bias_denoising_steps=0", "validation.prompts=[]", "logging.sample_prompts=[]",
+        "logging.tensorboard=false"])
     memory_dir = tempfile.mkdtemp(prefix=f"raydiff-mem-z{stage}-")
     # Logical CPUs beyond the driver's default (workers + 2): with two workers, each rank's validation dataset
     # holds a preprocessing actor, and at 3 CPUs the read tasks feeding them were starved (a hang seen here).

@@ -94,7 +94,8 @@ def bench_config(args, zero: int, storage: str, name: str, speed: tuple[str, ...
     overrides = [
         f"run.storage_path={storage}", f"run.name={name}", "scaling.num_workers=1",
         f"scaling.cpus_per_worker={args.threads}", f"train.max_steps={total}", f"train.batch_size={args.batch_size}",
-        f"train.log_every_n_steps={args.log_every}", f"train.report_every_n_steps={never}", f"validation.every_n_steps={never}",
+        f"train.log_every_n_steps={args.log_every}", f"train.report_every_n_steps={never}",
+        f"validation.every_n_steps={never}",
         f"checkpoint.every_n_steps={never}", "validation.exposure_bias_denoising_steps=0", "validation.prompts=[]",
         "logging.sample_prompts=[]", "logging.tensorboard=false", "optim.warmup_steps=0",
         f"deepspeed.zero_stage={zero}", f"objective.gamma={GAMMA}",
@@ -346,7 +347,8 @@ def run_raydiff(args, cfg: Config) -> dict:
         # The worker's own per-step window (excludes its metrics.jsonl write and the all-reduce for the loss).
         "samples_per_s_in_step_window": round(len(windows) / sum(1 / w for w in windows), 3),
         "steady_steps": last - first,
-        "to_step0_row_s": round(rows[0]["time"] - wall0, 3),  # worker start, data, model load, DeepSpeed init, baseline val
+        # worker start, data, model load, DeepSpeed init, baseline validation
+        "to_step0_row_s": round(rows[0]["time"] - wall0, 3),
         "first_step_s": round(rows[1]["time"] - rows[0]["time"], 3) if 1 in rows else None,  # needs log_every 1
         "warmup_steps_s": round(rows[first]["time"] - rows[0]["time"], 3),
         "after_last_step_s": round(time.time() - rows[last]["time"], 3),  # final val, checkpoint, export, shutdown
@@ -362,8 +364,8 @@ def main(args) -> None:
     storage = tempfile.mkdtemp(prefix="raydiff-bench-train-")
     base = bench_config(args, 2, storage, "plain")
     batches = in_memory_batches(base, args.warmup + args.steps)
-    results: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, load avg {os.getloadavg()[0]:.1f} at start",
-                     "torch": torch.__version__, "args": vars(args)}
+    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, load avg {os.getloadavg()[0]:.1f} at start"
+    results: dict = {"machine": machine, "torch": torch.__version__, "args": vars(args)}
 
     def record(name: str, value: dict) -> None:
         value["load_avg_1m_after"] = round(os.getloadavg()[0], 1)
@@ -389,8 +391,8 @@ def main(args) -> None:
         for zero in args.zero:
             for data in args.data:
                 suffix = "" if data == "streaming" else "_cached"
-                record(f"raydiff_zero{zero}{suffix}",
-                       run_raydiff(args, bench_config(args, zero, storage, f"z{zero}{data[0]}", cached=data == "cached")))
+                cfg = bench_config(args, zero, storage, f"z{zero}{data[0]}", cached=data == "cached")
+                record(f"raydiff_zero{zero}{suffix}", run_raydiff(args, cfg))
         import ray
 
         ray.shutdown()
@@ -418,13 +420,15 @@ def main(args) -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
-    key = "raydiff_zero2" if "raydiff_zero2" in results else next((k for k in results if k.startswith("raydiff_")), None)
+    key = ("raydiff_zero2" if "raydiff_zero2" in results
+           else next((k for k in results if k.startswith("raydiff_")), None))
     if key:
         # Samples per CPU-second relative to plain: the same ratio with the machine's other load factored out.
         print(f"ratio raydiff/plain (CPU time, {key}) = {plain_cpu / results[key]['cpu_s_per_sample']:.2f}")
         for zero in args.zero:
             if f"raydiff_zero{zero}_cached" in results:
-                ratio = results[f"raydiff_zero{zero}_cached"]["samples_per_s"] / results["plain_precomputed"]["samples_per_s"]
+                ratio = (results[f"raydiff_zero{zero}_cached"]["samples_per_s"]
+                         / results["plain_precomputed"]["samples_per_s"])
                 print(f"ratio raydiff/plain (precomputed latents, ZeRO-{zero}) = {ratio:.2f}")
         print(f"ratio raydiff/plain = {results[key]['samples_per_s'] / plain:.2f}")
 

@@ -56,6 +56,11 @@ ASSUMPTIONS = {
         "ray", RAY_CHECKED, "Ray Data's StreamSplitDataIterator._coord_actor",
         "ends an epoch's execution at once (raydiff.data.loader); without it Ray stops the coordinator when its "
         "owner goes, printing a SystemExit traceback per worker"),
+    "ray.preemption_notice": Assumption(
+        "ray", RAY_CHECKED, "ray.train.v2._internal.execution.context.get_train_context().preemption_context"
+        ".preemption_info (where Ray Train's preemption watcher puts each worker's notice)",
+        "a check for a preemption notice at every optimizer step that costs one all-reduce "
+        "(raydiff.train.preemption); without it, ray.train.get_preemption_info() (a barrier through an actor)"),
     "ray.asha": Assumption(
         "ray", RAY_CHECKED, "ASHAScheduler._brackets / ._trial_info / ._num_stopped and _Bracket._rungs",
         "ASHA's rungs saved and restored across an interrupted sweep (raydiff.tune.asha)"),
@@ -161,6 +166,27 @@ def split_coordinator(iterator: Any) -> Any:
     if check("ray.split_coordinator") and not hasattr(iterator, "_coord_actor"):
         logger.warning("%s", broken("ray.split_coordinator", f"{type(iterator).__name__} has no _coord_actor"))
     return getattr(iterator, "_coord_actor", None)
+
+
+def preemption_notice() -> Any:
+    """This worker's copy of Ray Train's preemption notice (a ``ray.train.PreemptionInfo``, or None when no node of
+    the worker group is being drained), read without a barrier. Call it on every rank at the same points: where the
+    internal is gone, the public ``ray.train.get_preemption_info()`` (a barrier across the workers) is used instead."""
+    check("ray.preemption_notice")
+    try:
+        from ray.train.v2._internal.execution.context import get_train_context
+
+        return get_train_context().preemption_context.preemption_info
+    except (ImportError, AttributeError) as err:
+        _warn_once(str(broken("ray.preemption_notice", err)))
+    import ray.train
+
+    return ray.train.get_preemption_info()
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    logger.warning("%s", message)
 
 
 def asha_brackets(scheduler: Any) -> list:

@@ -49,6 +49,8 @@ OnError = Literal["skip", "raise"]
 Precompute = Literal["none", "text", "latents"]
 TuneScheduler = Literal["asha", "fifo"]
 SearchAlg = Literal["random", "optuna"]
+LrScaling = Literal["sqrt", "linear", "none"]
+WorkerCount = typing.Union[int, list[int]]  # n workers, or [min, max]: elastic
 
 BOUNDS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}  # setting() keywords -> the comparison they require
 _COMPARE = {"ge": operator.ge, "gt": operator.gt, "le": operator.le, "lt": operator.lt}
@@ -101,13 +103,33 @@ class RunSection:
 
 @dataclass
 class ScalingSection:
-    """Ray Train's worker group."""
+    """Ray Train's worker group: a fixed number of workers, or elastic between [min, max] (docs/reliability.md)."""
 
-    num_workers: int = setting(2, "Training workers (one per GPU on a GPU cluster).", gt=0)
+    num_workers: WorkerCount = setting(2, "Training workers (one per GPU on a GPU cluster); [min, max]: elastic, the "
+                                       "run starts once min fit, grows up to max when the cluster can place more, "
+                                       "shrinks when nodes go, each time resuming from the latest checkpoint.", gt=0)
     use_gpu: bool = setting(False, "Train on GPUs.")
     cpus_per_worker: float = setting(0.5, "CPUs reserved per worker; fractions leave room for Ray Data's "
                                      "preprocessing tasks on small machines.", ge=0)
     gpus_per_worker: float = setting(1.0, "GPUs reserved per worker (with scaling.use_gpu).")
+    resize_interval_s: float = setting(60.0, "Elastic runs: seconds between checks for room to grow (Ray Train's "
+                                       "elastic_resize_monitor_interval_s); a grow restarts from the latest "
+                                       "checkpoint.", gt=0)
+    lr_scaling: LrScaling = setting("sqrt", "Elastic runs keep the per-worker batch, so the global batch follows the "
+                                    "workers W; optim.lr is the LR at max workers, scaled at W by sqrt(W / max), "
+                                    "W / max (linear) or not at all (none).")
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if isinstance(self.num_workers, list) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[-1] if isinstance(self.num_workers, list) else self.num_workers
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, list)
 
 
 @dataclass
@@ -126,7 +148,9 @@ class TrainSection:
                                    "or eager (diffusers' explicit softmax, a baseline).")
     channels_last: bool = setting(False, "NHWC weights for the convolutions.")
     compile: bool = setting(False, "torch.compile of the UNet, in place (not with ZeRO-3).")
-    log_every_n_steps: int = setting(1, "Steps between metrics.jsonl rows and progress lines (rank 0, cheap).", gt=0)
+    log_every_n_steps: int = setting(1, "Steps between metrics.jsonl rows (rank 0, cheap).", gt=0)
+    progress_every_s: float = setting(2.0, "Least seconds between console progress lines (a logged step with "
+                                      "val_loss, and the last step, always print one); 0: every logged step.", ge=0)
     report_every_n_steps: int = setting(10, "Steps between ray.train.report calls (a barrier, ~0.1-2 s; what Tune "
                                         "schedulers see); validation and checkpoint steps always report.", gt=0)
     prefetch_batches: int = setting(2, "Batches each worker's data iterator prepares ahead.", ge=0)
@@ -231,6 +255,8 @@ class CheckpointSection:
 
     every_n_steps: int = setting(20, "Optimizer steps between checkpoints (the last step always saves one).", gt=0)
     keep: int = setting(2, "Checkpoints kept; older ones are deleted.", gt=0)
+    on_preemption: bool = setting(True, "Save one at the next step after a node of the worker group gets a "
+                                  "preemption notice (a drain), then wait for Ray Train's restart: no step is lost.")
 
 
 @dataclass
@@ -344,6 +370,8 @@ def _coerce(value: Any, tp, key: str) -> Any:
         if optional:
             return None
         raise ConfigError(f"config key '{key}' may not be null")
+    if typing.get_origin(inner) in (typing.Union, types.UnionType):  # e.g. int | list[int]: a list takes the list arm
+        return _coerce_union(value, typing.get_args(inner), key)
     if typing.get_origin(inner) is Literal:
         allowed = typing.get_args(inner)
         value = _coerce(value, type(allowed[0]), key)  # "2" -> 2 for ZeRO stages
@@ -394,6 +422,19 @@ def _coerce(value: Any, tp, key: str) -> Any:
             raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
         return str(value)
     raise ConfigError(f"config key '{key}': unsupported type {tp}")
+
+
+def _coerce_union(value: Any, arms: tuple, key: str) -> Any:
+    """A value of `scalar | list[...]`: a list (YAML, or `a,b` / `[a, b]` from --set) takes the list arm."""
+    if isinstance(value, str):
+        parsed = yaml.safe_load(value) if value.strip() else value
+        value = parsed if isinstance(parsed, list) or "," not in value else value.split(",")
+    is_list = isinstance(value, (list, tuple))
+    arm = next((a for a in arms if (typing.get_origin(a) is list) == is_list), None)
+    if arm is None:
+        raise ConfigError(f"config key '{key}' must be one of {' | '.join(_plain_type(a) for a in arms)}, "
+                          f"got {value!r}")
+    return _coerce(value, arm, key)
 
 
 @functools.cache
@@ -513,7 +554,9 @@ def _range_text(meta: typing.Mapping[str, Any]) -> str:
 
 
 def _in_range(value: Any, meta: typing.Mapping[str, Any]) -> bool:
-    return all(_COMPARE[k](value, meta[k]) for k in BOUNDS if k in meta)
+    """Bounds hold for a number, or for every item of a list."""
+    return all(_COMPARE[k](v, meta[k]) for v in (value if isinstance(value, list) else [value])
+               for k in BOUNDS if k in meta)
 
 
 def _check_field(key: str, f: dataclasses.Field, tp: Any, value: Any) -> None:
@@ -532,6 +575,9 @@ def validate(cfg: Config) -> Config:
     """Reject invalid values with a message naming the key. Runs before any Ray work."""
     for key, f, tp in keys():
         _check_field(key, f, tp, cfg.get(key))
+    _check(not cfg.scaling.elastic or (len(cfg.scaling.num_workers) == 2 and cfg.scaling.min_workers <=
+                                       cfg.scaling.max_workers), "scaling.num_workers",
+           f"must be a number of workers or [min, max] with min <= max, got {cfg.scaling.num_workers}")
     _check(cfg.data.resolution % 8 == 0, "data.resolution",
            f"must be a multiple of 8 (the VAE factor), got {cfg.data.resolution}")
     try:
@@ -677,6 +723,8 @@ def _type_text(tp: Any, meta: typing.Mapping[str, Any]) -> str:
 def _plain_type(tp: Any) -> str:
     if tp is Any:
         return "any"
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_plain_type(a) for a in typing.get_args(tp))
     args = typing.get_args(tp)
     name = getattr(typing.get_origin(tp) or tp, "__name__", str(tp))
     return f"{name}[{', '.join(_plain_type(a) for a in args)}]" if args else name

@@ -8,7 +8,8 @@ worker-*.out/err, ray-data/, ray-train-*); `--verbose` or `RAYDIFF_VERBOSE=1` sh
 Three places, each the library's own switch: Ray's log forwarding skips lines matching `FORWARDED_NOISE`
 (`RAY_DEDUP_LOGS_SKIP_REGEX`, read when `ray` is imported); Ray Data's console handler logs warnings only
 (`RAY_DATA_LOGGING_CONFIG`); this process's library loggers drop the notices listed in `LOCAL_NOISE`. Ray Train's
-own level is set per run (`ray.train.LoggingConfig`, `train_log_level`).
+own level is set per run (`ray.train.LoggingConfig`, `train_log_level`). raydiff's own lines come from its logger
+(raydiff.log: "[raydiff] ..." on stdout, set up in every process that imports raydiff).
 """
 
 from __future__ import annotations

@@ -74,7 +74,8 @@ def export_pipeline(cfg: Config, unet_state: dict[str, torch.Tensor], unet_confi
         if cfg.deepspeed.precision != "fp32":
             save_half_variant(pipe, staging)
         with open(os.path.join(staging, EXPORT_INFO), "w") as f:
-            json.dump({"source_model": cfg.model.pretrained, "prediction_type": prediction_type, **(info or {})}, f, indent=2)
+            json.dump({"source_model": cfg.model.pretrained, "prediction_type": prediction_type, **(info or {})}, f,
+                      indent=2)
         _publish(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -32,10 +32,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
+
+logger = logging.getLogger(__name__)
 
 # huggingface_hub and filelock are imported by the functions that call the hub: the usual caller (every
 # preprocessing task, every restarted worker) finds its files on disk and needs neither.
@@ -118,8 +121,8 @@ def pinned_revision(name: str, revision: str | None = None) -> str | None:
     except (RepositoryNotFoundError, RevisionNotFoundError):
         raise
     except Exception as e:  # the hub down at launch: run on what the nodes have
-        print(f"[raydiff] {name}: the hub is unreachable ({type(e).__name__}); revision {revision or 'main'} is not "
-              "pinned, each node loads the snapshot it has", flush=True)
+        logger.warning("%s: the hub is unreachable (%s); revision %s is not pinned, each node loads the snapshot "
+                       "it has", name, type(e).__name__, revision or "main")
         return revision
 
 
@@ -243,7 +246,7 @@ def hub_snapshot(repo_id: str, revision: str | None, select: Callable[[list[str]
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        print(f"[raydiff] {repo_id}: another process on this node is downloading it; waiting", flush=True)
+        logger.info("%s: another process on this node is downloading it; waiting", repo_id)
         lock.acquire()
     try:
         return _recorded_snapshot(cache, repo_id, record, select) or _download(cache, repo_id, revision, record, select)
@@ -289,12 +292,11 @@ def _download(cache: str, repo_id: str, revision: str | None, record: str,
     except (RepositoryNotFoundError, RevisionNotFoundError):  # also gated / private without HF_TOKEN
         raise
     except Exception as e:  # the hub unreachable or failing: what this node's cache holds, as huggingface_hub does
-        print(f"[raydiff] {repo_id}: the hub failed ({type(e).__name__}); loading the cached snapshot", flush=True)
+        logger.warning("%s: the hub failed (%s); loading the cached snapshot", repo_id, type(e).__name__)
         return _cached_snapshot(cache, repo_id, revision, select, f"the hub failed: {type(e).__name__}: {e}")
     files = [s.rfilename for s in info.siblings or []]
     wanted = select(files)
-    print(f"[raydiff] downloading {len(wanted)} of {len(files)} files of {repo_id}@{info.sha} into {cache}",
-          flush=True)
+    logger.info("downloading %d of %d files of %s@%s into %s", len(wanted), len(files), repo_id, info.sha, cache)
     path = snapshot_download(repo_id, revision=info.sha, cache_dir=cache, allow_patterns=wanted, endpoint=endpoint)
     if revision != info.sha:  # the branch or tag as huggingface_hub records it: offline loads of it find the commit
         _write_atomic(os.path.join(os.path.dirname(os.path.dirname(path)), "refs", revision or "main"), info.sha)

@@ -52,7 +52,8 @@ def gamma_at(schedule: str, gamma: float, step: int, decay_steps: int = 0, batch
     raise ValueError(f"unknown gamma schedule {schedule!r} ({' | '.join(GAMMA_SCHEDULES)})")
 
 
-def perturb_noise(eps: torch.Tensor, gamma: float | torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def perturb_noise(eps: torch.Tensor, gamma: float | torch.Tensor,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
     """Input noise eps + gamma * xi with xi fresh and independent of eps (not gamma * xi alone: a known bug elsewhere).
 
     `gamma` may be a scalar or a per-sample tensor of shape [B].
@@ -65,7 +66,8 @@ def perturb_noise(eps: torch.Tensor, gamma: float | torch.Tensor, generator: tor
     return eps + gamma * xi
 
 
-def sample_timesteps(batch: int, num_train_timesteps: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+def sample_timesteps(batch: int, num_train_timesteps: int, generator: torch.Generator | None = None,
+                     device=None) -> torch.Tensor:
     return torch.randint(0, num_train_timesteps, (batch,), generator=generator, device=device, dtype=torch.long)
 
 
@@ -75,13 +77,15 @@ def _per_sample(values: torch.Tensor, timesteps: torch.Tensor, like: torch.Tenso
     return out.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
 
 
-def add_noise(x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+              alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """Forward process q(x_t | x0) with the given noise: sqrt(ab_t) x0 + sqrt(1 - ab_t) noise."""
     ab = _per_sample(alphas_cumprod, timesteps, x0)
     return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
 
 
-def velocity(x0: torch.Tensor, eps: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+def velocity(x0: torch.Tensor, eps: torch.Tensor, timesteps: torch.Tensor,
+             alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """v = sqrt(ab_t) eps - sqrt(1 - ab_t) x0, built from the CLEAN eps."""
     ab = _per_sample(alphas_cumprod, timesteps, x0)
     return ab.sqrt() * eps - (1 - ab).sqrt() * x0
@@ -122,7 +126,8 @@ def make_training_batch(x0: torch.Tensor, alphas_cumprod: torch.Tensor, predicti
         timesteps = sample_timesteps(x0.shape[0], alphas_cumprod.shape[0], generator, x0.device)
     eps = sample_noise(x0.shape, generator, x0.device, x0.dtype, noise_offset)
     noisy = add_noise(x0, perturb_noise(eps, gamma, generator), timesteps, alphas_cumprod)
-    return NoisedBatch(noisy=noisy, timesteps=timesteps, target=target(prediction_type, x0, eps, timesteps, alphas_cumprod))
+    return NoisedBatch(noisy=noisy, timesteps=timesteps,
+                       target=target(prediction_type, x0, eps, timesteps, alphas_cumprod))
 
 
 # ---------------------------------------------------------------- loss weighting

@@ -28,7 +28,7 @@ def in_shape(cfg: Config, storage_path: str, steps: int = SHAPE_STEPS) -> Config
     c.run.name = f"{cfg.run.name}-shape"
     c.run.storage_path = storage_path
     c.run.max_failures = 0  # a shape run must fail loudly, not retry
-    c.scaling.use_gpu, c.scaling.num_workers = False, min(cfg.scaling.num_workers, SHAPE_WORKERS)
+    c.scaling.use_gpu, c.scaling.num_workers = False, min(cfg.scaling.max_workers, SHAPE_WORKERS)
     c.scaling.cpus_per_worker = min(cfg.scaling.cpus_per_worker, 0.5)
     if c.deepspeed.precision == "fp16":  # fp16 needs a GPU; bf16 exercises the same 16-bit paths on CPU
         c.deepspeed.precision = "bf16"

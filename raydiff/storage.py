@@ -19,7 +19,10 @@ def _s3_options() -> dict:
     endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
     if endpoint:
         scheme, sep, host = endpoint.partition("://")
-        opts.update(endpoint_override=host.rstrip("/"), scheme=scheme) if sep else opts.update(endpoint_override=endpoint)
+        if sep:
+            opts.update(endpoint_override=host.rstrip("/"), scheme=scheme)
+        else:
+            opts.update(endpoint_override=endpoint)
     if env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
         opts.update(access_key=env["AWS_ACCESS_KEY_ID"], secret_key=env["AWS_SECRET_ACCESS_KEY"])
         if env.get("AWS_SESSION_TOKEN"):

@@ -128,7 +128,8 @@ def eps_scale_hook(unet: torch.nn.Module, scheduler, prediction_type: str, lam: 
         return None
     ac = getattr(scheduler, "alphas_cumprod", None)
     if ac is None:
-        raise ValueError(f"{type(scheduler).__name__} has no alphas_cumprod; Epsilon Scaling needs a DDPM-family scheduler")
+        raise ValueError(f"{type(scheduler).__name__} has no alphas_cumprod; Epsilon Scaling needs a DDPM-family "
+                         "scheduler")
 
     def hook(_module, args, kwargs, output):
         sample = args[0] if args else kwargs["sample"]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv and install raydiff with its test extras.
+# Create .venv and install raydiff with its test extras (pytest, the S3/MLflow test servers, ruff for the lint).
 # torch==2.13.0 first: on the project's CPU machines pip takes the CPU build lying on disk; a bare `torch>=2.4`
 # would pull a multi-GB CUDA build. GPU users skip this line and let pip pick their CUDA torch.
 set -euo pipefail

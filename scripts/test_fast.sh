@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || bash scripts/setup.sh  # the editable install follows source edits
+.venv/bin/ruff check raydiff tests benchmarks scripts
 exec .venv/bin/python -m pytest tests -q -m "not integration" "$@"

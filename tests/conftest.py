@@ -6,7 +6,8 @@ import os
 
 from raydiff import console
 
-console.configure()  # before Ray is imported: the suite's output shows raydiff's lines and the tests', not Ray's chatter
+# Before Ray is imported: the suite's output shows raydiff's lines and the tests', not Ray's chatter.
+console.configure()
 
 import pytest  # noqa: E402
 

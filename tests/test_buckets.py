@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import itertools
-import os
+
 
 import numpy as np
 import pyarrow as pa
@@ -72,8 +72,8 @@ def test_bucket_batches_hold_one_bucket_and_keep_rows():
     def col(values):  # ragged pixels as Ray hands them over: an object array of arrays
         return _stack(values) if isinstance(values[0], np.ndarray) else np.array(values)
 
-    batches_in = [{ORDER_COLUMN: np.arange(k, min(k + 7, 40)), **{c: col([r[c] for r in rows[k:k + 7]]) for c in rows[0]}}
-                  for k in range(0, 40, 7)]
+    batches_in = [{ORDER_COLUMN: np.arange(k, min(k + 7, 40)),
+                   **{c: col([r[c] for r in rows[k:k + 7]]) for c in rows[0]}} for k in range(0, 40, 7)]
     out = [b for b, _, _ in rebatch(batches_in, 4, "bucket")]
     assert out and all(len(set(b["bucket"].tolist())) == 1 and len(b["id"]) == 4 for b in out)
     assert all(b["pixels"].shape == (4, 3, 8 * (int(b["bucket"][0]) + 1), 8) for b in out)

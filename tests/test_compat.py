@@ -77,6 +77,26 @@ def _train_storage(request) -> None:
     assert fs.get_file_info(path).is_file is False and path.endswith("/experiment")
 
 
+def _preemption_notice(request) -> None:
+    import inspect
+
+    from ray.train import PreemptionInfo
+    from ray.train.v2._internal.execution import context
+    from ray.train.v2._internal.execution.preemption import PreemptionContext
+    from ray.train.v2._internal.execution.worker_group.worker import RayTrainWorker
+
+    # Where the watcher's notice lands in a worker (RayTrainWorker.mark_preempt), and what compat reads it from.
+    assert "train_context.preemption_context.preemption_info = info" in inspect.getsource(RayTrainWorker.mark_preempt)
+    assert context.TrainContext.__annotations__["preemption_context"] in (PreemptionContext, "PreemptionContext")
+    info = PreemptionInfo(deadline_ms=1_000, preempted_node_to_ranks={"node": [1]})
+    for notice in (None, info):
+        context.set_train_context(SimpleNamespace(preemption_context=PreemptionContext(notice)))
+        try:
+            assert compat.preemption_notice() is notice
+        finally:
+            context.set_train_context(None)
+
+
 def _split_coordinator(request) -> None:
     import inspect
 
@@ -162,6 +182,7 @@ PROOFS = {
     "ray.bootstrap_address": _bootstrap_address,
     "ray.train_storage": _train_storage,
     "ray.split_coordinator": _split_coordinator,
+    "ray.preemption_notice": _preemption_notice,
     "ray.asha": _asha,
     "ray.logging": _ray_logging,
     "deepspeed.op_table": _op_table,

@@ -15,7 +15,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 # Lines worker processes printed in a default run before raydiff.console (as Ray hands them to the driver).
 CHATTER = [
-    "Failed to query Ray Train Controller actor state. State API may be temporarily unavailable. Continuing to monitor.",
+    "Failed to query Ray Train Controller actor state. State API may be temporarily unavailable. "
+    "Continuing to monitor.",
     "[2026-12-03 09:39:24,940 E 2774 2814] core_worker.cc:2465: Actor with class name: 'PreemptionWatcher' and ID: "
     "'3d75' has constructor arguments in the object store and max_restarts > 0. If the arguments ...",
     "WARNING: 8 PYTHON worker processes have been started on node: cc1d with address: 192.0.2.2, which is 4x the ...",
@@ -32,8 +33,8 @@ CHATTER = [
     "Loading weights: 100%|██████████| 36/36 [00:00<00:00, 13656.05it/s]",
     "Writing model shards:   0%|          | 0/1 [00:00<?, ?it/s]",
     "Loading pipeline components...: 100%|██████████| 7/7 [00:00<00:00, 105.43it/s]",
-    "/x/task_pool_map_operator.py:326: UserWarning: The maximum number of concurrent tasks for 'MapBatches(_preprocess)'"
-    " is set to 2, but the operator only received 1 input(s). This means ...",
+    "/x/task_pool_map_operator.py:326: UserWarning: The maximum number of concurrent tasks for "
+    "'MapBatches(_preprocess)' is set to 2, but the operator only received 1 input(s). This means ...",
     "  warnings.warn(",
 ]
 # Lines that must still reach the console.
@@ -112,3 +113,37 @@ def test_the_cli_accepts_verbose():
 
     assert parse_args(["--verbose", "--set", "train.max_steps=2"], "train", "").verbose
     assert not parse_args([], "train", "").verbose
+
+
+# ---------------------------------------------------------------- raydiff's logger (raydiff.log)
+
+LOG_TWICE = """
+import logging, sys
+logging.basicConfig(stream=sys.stderr)  # a root console handler, as Ray Train gives each worker
+import raydiff
+from raydiff import log
+log.setup()  # a second set-up (a worker importing raydiff again) adds nothing
+logger = logging.getLogger("raydiff.train.somewhere")
+logger.info("step %d/%d | loss %.4f", 3, 6, 0.5)
+logger.info("run x in /tmp/x\\n  model tiny | 6 steps")
+logger.warning("checkpoint %s is incomplete", "/tmp/c")
+logger.debug("not shown")
+"""
+
+
+def test_raydiff_lines_reach_stdout_once_with_their_prefix():
+    out = subprocess.run([sys.executable, "-c", LOG_TWICE], env={**os.environ, "PYTHONPATH": str(REPO)},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines() == [
+        "[raydiff] step 3/6 | loss 0.5000",
+        "[raydiff] run x in /tmp/x",
+        "[raydiff]   model tiny | 6 steps",
+        "[raydiff] WARNING: checkpoint /tmp/c is incomplete",
+    ]
+    assert out.stderr == ""  # nothing propagated to the root logger's handler: no line twice
+
+
+def test_the_logger_writes_to_the_current_stdout(capsys):
+    """Not the stdout of when it was set up: a redirect (pytest's capture here) gets the lines."""
+    logging.getLogger("raydiff.x").info("exported diffusers pipeline to %s", "/tmp/final")
+    assert capsys.readouterr().out == "[raydiff] exported diffusers pipeline to /tmp/final\n"

@@ -12,10 +12,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray
 from PIL import Image
 
 from raydiff.config import DataSection
 from raydiff.data.demo import ensure_demo_dataset, write_demo_dataset
+from raydiff.data.loader import held_out_batches
 from raydiff.data.manifest import choose_val_rows
 from raydiff.data.pipeline import OUTPUT_COLUMNS, DataSpec, build_datasets, build_manifest, held_out_rows
 from raydiff.data.transforms import (
@@ -355,6 +357,15 @@ def test_build_datasets_end_to_end(ray_local, dataset_dir, tokenizer_dir):
     assert len(here) == len(exp_val_rows)
     for c in OUTPUT_COLUMNS:
         np.testing.assert_array_equal(np.stack([row[c] for row in here]), val[c])
+    # Workers batch them as Ray Data would have (loader.held_out_batches): same columns, dtypes, values, last batch
+    # short.
+    ours = list(held_out_batches(here, 3))
+    ray_data = list(ray.data.from_items(here).iter_batches(batch_size=3, batch_format="numpy"))
+    assert len(ours) == len(ray_data) == -(-len(here) // 3)
+    for a, b in zip(ours, ray_data):
+        assert a.keys() == b.keys() and all(a[c].dtype == b[c].dtype for c in a)
+        for c in a:
+            np.testing.assert_array_equal(a[c], b[c])
     # A second call (another epoch) gives the same val, in the same order, and new train crops for the same images.
     again = build_datasets(spec, tokenizer_dir, epoch=1)
     val2, train2 = _collect(again["val"]), _collect(again["train"])

@@ -49,7 +49,8 @@ def test_bucket_data_checkpoints_resume_and_skip_counts(ray_local, tmp_path, s3_
     assert [r["step"] for r in rows] == list(range(0, 7)), "resumed from the bucket's checkpoint, not restarted"
     assert all("data_skipped" in r for r in rows if r["step"] > 0)
     assert storage.exists(f"{second.model_dir}/unet/config.json")
-    skipped = [json.loads(line) for line in storage.read_text(f"{s3_bucket}/runs/bucket/data_skipped.jsonl").splitlines()]
+    skipped = [json.loads(line)
+               for line in storage.read_text(f"{s3_bucket}/runs/bucket/data_skipped.jsonl").splitlines()]
     assert len(skipped) == want["data_skipped"] == len({r["row"] for r in skipped})  # each bad row once, with why
     assert sorted(r["what"].split("image_path='")[1].split("'")[0] for r in skipped) == \
         ["garbage.png", "panorama.png", "truncated.png"]
@@ -65,7 +66,8 @@ def test_every_row_bad_stops_with_a_clear_error(ray_local, tmp_path):
     d.mkdir()
     pq.write_table(pa.Table.from_pylist(bad[:3]), str(d / "bad.parquet"))  # only the 3 skipped kinds
     # RuntimeError from the driver itself: the held-out split is preprocessed once there, before any worker starts.
-    with pytest.raises(RuntimeError, match=r"produced no samples \(\d+ rows skipped; first: .*(truncated|garbage|panorama)"):
+    with pytest.raises(RuntimeError,
+                       match=r"produced no samples \(\d+ rows skipped; first: .*(truncated|garbage|panorama)"):
         # val_fraction 0.9: the (deterministic) bad rows have val candidates, so the validation load meets them first
         run_training(cfg_for(str(tmp_path / "runs"), str(d), "data.val_fraction=0.9"))
 

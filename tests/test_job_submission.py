@@ -156,7 +156,7 @@ class JobsCLI:
 
     def wait_terminal(self, job_id: str) -> str:
         return wait_for(lambda: (s := self.status(job_id)) in ("SUCCEEDED", "FAILED", "STOPPED") and s, job_id,
-                        every_s=5)
+                        every_s=1)
 
 
 def submit(jobs: JobsCLI, submission_id: str, storage: str, cache: str) -> None:

@@ -344,7 +344,8 @@ def test_offline_a_seeded_cache_serves_training_and_preprocessing(seeded_cache, 
     _assert_unet_is(m.load_components(REPO, unet_dtype=torch.bfloat16).unet, _tiny_weight(tiny_sdxl), torch.bfloat16)
     # What a Ray Data preprocessing task runs, on a batch of the demo dataset, with the hub id the driver hands out
     pipeline._tokenizers.cache_clear()
-    out = pipeline._preprocess(batch, tokenizer_path=hub.model_ref(REPO, "main"), settings={"data": DataSection(resolution=64)})
+    out = pipeline._preprocess(batch, tokenizer_path=hub.model_ref(REPO, "main"),
+                               settings={"data": DataSection(resolution=64)})
     assert out["input_ids"].tolist() == ref["input_ids"].tolist() and len(out["input_ids"]) == batch.num_rows
     assert attempts == []
     shutil.rmtree(os.path.join(seeded_cache, "unet"))

@@ -49,7 +49,8 @@ def test_tiny_build_is_deterministic(tiny_sdxl: str, tmp_path) -> None:
         assert _weights_digest(other, sub) != _weights_digest(tiny_sdxl, sub), sub
     for sub in ("tokenizer", "tokenizer_2"):
         for name in ("vocab.json", "merges.txt"):
-            assert (tmp_path / "same" / sub / name).read_bytes() == open(os.path.join(tiny_sdxl, sub, name), "rb").read()
+            with open(os.path.join(tiny_sdxl, sub, name), "rb") as f:
+                assert (tmp_path / "same" / sub / name).read_bytes() == f.read()
 
 
 def test_tiny_layout_and_configs_are_sdxl_shaped(tiny_sdxl: str) -> None:

@@ -152,7 +152,8 @@ def test_cache_and_streamed_precompute_give_the_online_unet_inputs(ray_local, ti
     assert stats.metrics(actor)["data_skipped"] == 1
     # Hit: same data directory, nothing rebuilt; the build's skips count in the new run too.
     actor_2 = stats.create()
-    assert ensure_cache(dataclasses.replace(spec, stats_actor=actor_2), encoder, tiny_sdxl, index, cache_dir) == data_dir
+    spec_2 = dataclasses.replace(spec, stats_actor=actor_2)
+    assert ensure_cache(spec_2, encoder, tiny_sdxl, index, cache_dir) == data_dir
     assert sorted(os.listdir(root)) == sorted([os.path.basename(data_dir), "cache.json"])
     assert "row_index.json" in os.listdir(data_dir)
     assert stats.metrics(actor_2)["data_skipped"] == 1
@@ -173,7 +174,8 @@ def test_cache_and_streamed_precompute_give_the_online_unet_inputs(ray_local, ti
     _assert_same_inputs(_unet_inputs(streamed, enc), reference)
 
     # Caption dropout reached every path: dropped rows condition on zeros (the pipeline's empty negative prompt).
-    is_empty = [bool((p == 0).all() and (e == 0).all()) for p, e in zip(reference["pooled"], reference["prompt_embeds"])]
+    is_empty = [bool((p == 0).all() and (e == 0).all())
+                for p, e in zip(reference["pooled"], reference["prompt_embeds"])]
     assert 0 < sum(is_empty) < len(is_empty)
 
     # Epoch 1 from the cache: epoch 0's window, with the flip the online path draws in epoch 1.

@@ -34,7 +34,8 @@ def overrides(storage, name: str, zero: int, *extra: str) -> list[str]:
     # buckets, so their kills and relaunches also prove that rows waiting in a bucket at a checkpoint are not lost.
     latents = ["data.precompute=latents", f"data.cache_dir={os.path.join(os.environ['RAYDIFF_CACHE'], 'latents')}"]
     buckets = ["data.buckets=[64x64,80x48,48x80]"]
-    return [f"run.storage_path={storage}", f"run.name={name}", f"train.max_steps={STEPS}", f"deepspeed.zero_stage={zero}",
+    return [f"run.storage_path={storage}", f"run.name={name}", f"train.max_steps={STEPS}",
+            f"deepspeed.zero_stage={zero}",
             "checkpoint.every_n_steps=2", "checkpoint.keep=2", "validation.every_n_steps=2",
             "validation.exposure_bias_denoising_steps=0", "validation.prompts=[]", "logging.sample_prompts=[]",
             "data.demo_num_images=30", "data.val_max_samples=2", "run.max_failures=1",
@@ -153,7 +154,8 @@ def test_driver_kill_relaunch_torn_checkpoint_and_shrunk_world(unbroken, ray_loc
 
     # 3. Resume on 1 worker instead of 2 and train on: the checkpoint is re-sharded once (DeepSpeed universal format)
     #    with every weight exact, and training goes on from it.
-    longer = C.load_config("tiny_cpu", overrides(tmp_path, "d", 2, "scaling.num_workers=1", f"train.max_steps={STEPS + 2}"))
+    longer = C.load_config("tiny_cpu", overrides(tmp_path, "d", 2, "scaling.num_workers=1",
+                                                 f"train.max_steps={STEPS + 2}"))
     run_training(longer)
     assert "resuming on 1: converting it" in capfd.readouterr().out
     (universal,) = glob.glob(os.path.join(run_dir, "checkpoint_*", "universal", "deepspeed", "zero"))

@@ -131,6 +131,8 @@ def test_console_shows_raydiffs_lines_and_no_library_chatter(finished_run):
                      "val_loss", "(untrained)", "checkpoint at step 3:", "exported diffusers pipeline",
                      "[raydiff] run finished"):
         assert any(expected in line for line in ours), (expected, ours)
+    # A worker's line reaches the driver's console once (raydiff's logger does not also propagate to Ray's handler).
+    assert sum(f"step {STEPS}/{STEPS} | loss" in line for line in ours) == 1, ours
     # Besides raydiff's lines: the summary block under "run finished" (indented) and blank lines, nothing else.
     others = [line for line in lines if "[raydiff]" not in line and line.strip() and not line.startswith("  ")]
     assert not others, others

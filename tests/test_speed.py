@@ -131,6 +131,7 @@ def test_worker_applies_speed_settings(tiny_sdxl, monkeypatch, tmp_path):
 
     monkeypatch.setattr(loop, "initialize_engine", fake_initialize)
     monkeypatch.setattr(loop.ray.train, "get_checkpoint", lambda: None)  # a fresh run
+    monkeypatch.setattr(loop.Worker, "start_batches", lambda *args: None)  # no data stream: the model is under test
     cfg = cfg_with("train.channels_last=true", "train.attention=eager", "train.gradient_checkpointing=true",
                    "scaling.cpus_per_worker=2")
     threads = torch.get_num_threads()

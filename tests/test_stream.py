@@ -4,9 +4,12 @@ the batching bookkeeping (buckets included). No Ray needed here."""
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
+from raydiff.data.loader import Prefetched
 from raydiff.data.stream import (
     ORDER_COLUMN,
     StreamPosition,
@@ -153,3 +156,30 @@ def test_rebatch_keeps_rows_waiting_in_a_bucket_for_a_restart():
     # A restart from that cursor trains on exactly what the unbroken stream trained on next, row 4 included.
     _, resume, emitted = unbroken[2]
     assert stream(resume, emitted) == unbroken[3:]
+
+
+def test_prefetched_keeps_order_raises_where_the_source_failed_and_closes_it():
+    closed = threading.Event()
+
+    def source(fail_at=None):
+        try:
+            for i in range(6):
+                if i == fail_at:
+                    raise ValueError(f"bad item {i}")
+                yield i
+        finally:
+            closed.set()
+
+    assert list(Prefetched(source())) == list(range(6)) and closed.is_set()
+    closed.clear()
+    got = []
+    with pytest.raises(ValueError, match="bad item 3"):
+        for item in Prefetched(source(fail_at=3)):
+            got.append(item)
+    assert got == [0, 1, 2] and closed.is_set()
+    # A consumer that stops early (the last step before the stream's end) closes the source in its own thread.
+    closed.clear()
+    ahead = Prefetched(source(), depth=1)
+    assert next(iter(ahead)) == 0
+    ahead.close()
+    assert closed.wait(5) and not ahead._thread.is_alive()

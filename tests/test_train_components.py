@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -14,6 +15,7 @@ import torch.distributed as dist
 from raydiff import config as C
 from raydiff import models, validation
 from raydiff.train.checkpointer import Checkpointer
+from raydiff.train.loop import as_torch
 from raydiff.train.deepspeed_setup import build_optimizer
 from raydiff.train.metrics_log import read_metrics
 from raydiff.train.metrics_logger import MetricsLogger
@@ -125,14 +127,15 @@ def test_metrics_logger_rows_progress_lines_and_resume(one_rank, tmp_path, capsy
     logger = MetricsLogger(cfg.train, str(tmp_path), 0, 1, CPU, None, 0.1)
     logger.start(0, resumed=False)
     baseline = logger.baseline({"val_loss": 0.5}, 0.05)
-    assert list(baseline) == ["step", "epoch", "val_loss", "gamma", "time"]
+    assert list(baseline) == ["step", "epoch", "val_loss", "gamma", "world_size", "global_batch", "time"]
     for loss in (1.0, 2.0, 3.0, 6.0):
         logger.add(torch.tensor(loss), torch.tensor(0.2))
     logger.step_done()
     logger.step_done()
     row = logger.collect(2, 0, 1e-3, refresh_data=True)
-    assert list(row) == ["step", "epoch", "loss", "lr", "samples_per_s", "gamma", "time", "data_skipped",
-                         "data_upscaled", "data_null_captions"]
+    assert list(row) == ["step", "epoch", "loss", "lr", "samples_per_s", "gamma", "world_size", "global_batch", "time",
+                         "data_skipped", "data_upscaled", "data_null_captions"]
+    assert (row["world_size"], row["global_batch"]) == (1, 6)  # 1 worker x batch 3 x accumulation 2
     assert row["loss"] == 3.0 and row["gamma"] == pytest.approx(0.2) and row["samples_per_s"] > 0
     logger.write({**row, "val_loss": 0.25})
     assert logger.collect(3, 0, 1e-3, refresh_data=False)["loss"] == 0.0  # a new window: nothing added since
@@ -140,11 +143,36 @@ def test_metrics_logger_rows_progress_lines_and_resume(one_rank, tmp_path, capsy
     assert lines[0] == "[raydiff] step 0/10 | val_loss 0.5000 (untrained)"
     assert lines[1].startswith("[raydiff] step 2/10 | loss 3.0000 | val_loss 0.2500 | ")
     assert " samples/s | lr 1.00e-03 | ETA " in lines[1] and lines[1].endswith("s")
+    # Progress lines by time (train.progress_every_s): a plain step this soon after a line gets a row, no line; a step
+    # with val_loss and the last step always get one.
+    logger.progress_every_s = 3600
+    for step, extra in ((3, {}), (4, {"val_loss": 0.2}), (10, {})):
+        logger.write({**logger.collect(step, 0, 1e-3, refresh_data=False), **extra})
+    assert [line.split(" | ")[0] for line in capsys.readouterr().out.splitlines()] == [
+        "[raydiff] step 4/10", "[raydiff] step 10/10"]
     path = tmp_path / "metrics.jsonl"
-    assert [r["step"] for r in read_metrics(str(path))] == [0, 2]
+    assert [r["step"] for r in read_metrics(str(path))] == [0, 2, 3, 4, 10]
     resumed = MetricsLogger(cfg.train, str(tmp_path), 0, 1, CPU, None, 0.1)
-    resumed.start(0, resumed=True)  # resumed from a step-0 checkpoint: the step-2 row goes
+    resumed.start(0, resumed=True)  # resumed from a step-0 checkpoint: the later rows go
     assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [0]
     other_rank = MetricsLogger(cfg.train, str(tmp_path), 1, 2, CPU, None, 0.1)
     other_rank.start(0, resumed=False)
     assert other_rank.log is None and path.read_text()  # only rank 0 writes
+
+
+def test_the_stream_is_read_up_to_the_runs_last_micro_step_and_closed():
+    """A worker reads no batch past its last step (a further Ray Data execution would start), then closes the stream
+    (its execution ends)."""
+    pulled, closed = [], []
+
+    def stream():
+        try:
+            for i in range(10):
+                pulled.append(i)
+                yield {"x": np.full((2, 3), i, dtype=np.float32)}, (i, []), 0
+        finally:
+            closed.append(True)
+
+    got = list(as_torch(stream(), 4))
+    assert [int(b["x"][0, 0]) for b, _, _ in got] == [0, 1, 2, 3] and got[0][0]["x"].dtype == torch.float32
+    assert pulled == [0, 1, 2, 3] and closed == [True]

@@ -111,7 +111,8 @@ def test_eps_scale_hook_divides_unet_noise_prediction(pipe):
     unet, ac = pipe.unet, pipe.scheduler.alphas_cumprod
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     cond = dict(encoder_hidden_states=torch.randn(1, 77, unet.config.cross_attention_dim),
-                added_cond_kwargs={"text_embeds": torch.randn(1, 32), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])})
+                added_cond_kwargs={"text_embeds": torch.randn(1, 32),
+                                   "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])})
     with torch.no_grad():
         stock = unet(x, 500, **cond, return_dict=False)[0]
         handle = V.eps_scale_hook(unet, pipe.scheduler, "epsilon", 1.25)

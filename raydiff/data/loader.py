@@ -7,6 +7,8 @@ Above ``pipeline`` (preprocessing) and ``precompute`` (encoders, cache): it pick
 
 from __future__ import annotations
 
+import queue
+import threading
 from typing import Iterator
 
 import numpy as np
@@ -66,6 +68,68 @@ def planned_batches(spec: DataSpec, tokenizer_path: str, manifest: Manifest, pos
     for batch, resume, emitted in rebatch(rows(), batch_size, group, pos.emitted[rank]):
         epoch = int(batch.pop(EPOCH_COLUMN).max())
         yield batch, (resume, emitted), epoch
+
+
+class Prefetched:
+    """Items of an iterator produced by a background thread, up to ``depth`` ahead of the consumer.
+
+    A worker starts its training stream this way before it builds the model: the stream's first Ray Data execution
+    (read and preprocessing tasks starting up) overlaps the model load, the engine build and the step-0 validation
+    instead of following them, and later batches are assembled while the step runs. Errors reach the consumer at the
+    item where they happened; ``close`` ends the iterator in its thread (its cleanup runs there)."""
+
+    _END = object()
+
+    def __init__(self, items: Iterator, depth: int = 1):
+        self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._fill, args=(items,), name="raydiff-batches", daemon=True)
+        self._thread.start()
+
+    def _fill(self, items: Iterator) -> None:
+        end = (self._END, None)
+        try:
+            for item in items:
+                if not self._put((item, None)):
+                    break
+        except BaseException as err:  # handed to the consumer, raised there
+            end = (self._END, err)
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+        self._put(end)
+
+    def _put(self, entry) -> bool:
+        while not self._closed.is_set():
+            try:
+                self._queue.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> Iterator:
+        while True:
+            item, err = self._queue.get()
+            if item is self._END:
+                self._closed.set()
+                if err is not None:
+                    raise err
+                return
+            yield item
+
+    def close(self, timeout: float = 10) -> None:
+        self._closed.set()
+        self._thread.join(timeout)
+
+
+def held_out_batches(rows: list[dict[str, np.ndarray]], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """The driver's few held-out rows (pipeline.held_out_rows) in batches of ``batch_size``, in order: what
+    ``ray.data.from_items(rows).iter_batches(batch_size=batch_size)`` gives, without a Ray Data execution per worker."""
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        yield {column: np.stack([row[column] for row in chunk]) for column in chunk[0]}
 
 
 @ray.remote(num_cpus=0)

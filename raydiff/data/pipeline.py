@@ -1,4 +1,5 @@
-"""Ray Data pipeline: a dataset source (see ``sources``) → SDXL training rows (pixels, input_ids, input_ids_2, time_ids).
+"""Ray Data pipeline: a dataset source (see ``sources``) → SDXL training rows (pixels, input_ids, input_ids_2,
+time_ids).
 
 Start-up reads metadata only (``build_manifest``: listing, parquet footers, tar headers): the read units, their row
 counts and the held-out validation rows (``raydiff.data.manifest``). Training reads each worker's seeded stream

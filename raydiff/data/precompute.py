@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import uuid
 from dataclasses import asdict, dataclass
@@ -46,6 +47,8 @@ from raydiff.data.pipeline import (
 )
 from raydiff.data.stream import EPOCH_COLUMN, ORDER_COLUMN, ROW_COLUMN
 from raydiff.data.transforms import plan_crop, sample_rng
+
+logger = logging.getLogger(__name__)
 
 LATENT_COLUMN = "latent_moments"  # the VAE's latent distribution parameters, [2·C, h, w] per row
 EMBED_COLUMNS = ("prompt_embeds", "pooled")
@@ -270,13 +273,13 @@ def ensure_cache(spec, encoder: EncoderSpec, tokenizer_path: str, manifest, cach
     if storage.exists(manifest_path):
         manifest = json.loads(storage.read_text(manifest_path))
         stats.record(spec.stats_actor, manifest["counts"], [])  # the skips of the build count in this run too
-        print(f"[raydiff] precompute cache hit: {root} ({manifest['rows']} rows)", flush=True)
+        logger.info("precompute cache hit: %s (%d rows)", root, manifest["rows"])
         return storage.join(root, manifest["data"])
     return _build_cache(spec, encoder, tokenizer_path, manifest, root)
 
 
 def _build_cache(spec, encoder: EncoderSpec, tokenizer_path: str, manifest, root: str) -> str:
-    print(f"[raydiff] precompute cache miss: encoding the training split into {root}", flush=True)
+    logger.info("precompute cache miss: encoding the training split into %s", root)
     before = stats.metrics(spec.stats_actor)
     ds = chunk_dataset(manifest, unit_chunks(manifest, training_rows(manifest), 0))
     ds = encode_stage(_preprocessed(ds, manifest, spec, tokenizer_path, cache_rows=True), encoder, spec.batch_size)
@@ -291,8 +294,8 @@ def _build_cache(spec, encoder: EncoderSpec, tokenizer_path: str, manifest, root
         raise stats.no_data_error(spec.stats_actor, "train")
     storage.write_text(storage.join(root, data_dir, ROW_INDEX), json.dumps(index))
     # DEFAULT: inside a Tune trial the task must not be captured by the trial's placement group (no room there).
-    empty = ray.get(_encode_empty_prompt.options(num_gpus=encoder.num_gpus or None, scheduling_strategy="DEFAULT").remote(asdict(encoder),
-                                                                                           tokenizer_path))
+    encode = _encode_empty_prompt.options(num_gpus=encoder.num_gpus or None, scheduling_strategy="DEFAULT")
+    empty = ray.get(encode.remote(asdict(encoder), tokenizer_path))
     buf = io.BytesIO()
     np.savez(buf, **empty)
     storage.write_bytes(storage.join(root, data_dir, EMPTY_PROMPT), buf.getvalue())
@@ -300,7 +303,7 @@ def _build_cache(spec, encoder: EncoderSpec, tokenizer_path: str, manifest, root
     manifest = {"data": data_dir, "rows": rows, "counts": {k: after[k] - before[k] for k in after},
                 "version": CACHE_VERSION}
     storage.write_text(storage.join(root, MANIFEST), json.dumps(manifest, indent=1))
-    print(f"[raydiff] precompute cache written: {root} ({rows} rows)", flush=True)
+    logger.info("precompute cache written: %s (%d rows)", root, rows)
     return storage.join(root, data_dir)
 
 

@@ -68,7 +68,7 @@ class DataStats:
             self.skipped.append(record)
             if len(self.examples) < MAX_EXAMPLES:
                 self.examples.append(f"{record['what']}: {record['reason']}")
-                print(f"[raydiff] data: skipped {self.examples[-1]}", flush=True)  # reaches the driver log
+                logger.info("data: skipped %s", self.examples[-1])  # reaches the driver log
 
     def known_skipped(self, rows: np.ndarray) -> np.ndarray:
         """Those of ``rows`` already found unusable: read tasks drop them before decoding (the stream is the same

@@ -24,6 +24,7 @@ import fcntl
 import glob
 import hashlib
 import json
+import logging
 import os
 import posixpath
 import random
@@ -44,6 +45,8 @@ import torch
 from ray.train import Checkpoint
 
 from raydiff.compat import DEEPSPEED_CHECKED, deepspeed_checked, train_storage
+
+logger = logging.getLogger(__name__)
 
 DS_TAG = "deepspeed"  # one DeepSpeed tag per Ray checkpoint directory
 STATE_FILE = "trainer_state.json"
@@ -172,8 +175,8 @@ def wait_for_upload() -> Uploaded | None:
         try:
             return _in_flight.result(timeout=60)
         except TimeoutError:
-            print(f"[raydiff] waiting for the previous checkpoint upload ({time.monotonic() - start:.0f} s): the "
-                  "storage is slower than checkpoint.every_n_steps allows", flush=True)
+            logger.info("waiting for the previous checkpoint upload (%.0f s): the storage is slower than "
+                        "checkpoint.every_n_steps allows", time.monotonic() - start)
 
 
 def upload(local_dir: str, fs: pafs.FileSystem, dest: str) -> Uploaded:
@@ -253,18 +256,17 @@ def latest_complete(checkpoint, announce: bool = True):
         except IncompleteCheckpoint as err:
             problems.append(str(err))
             if announce:
-                print(f"[raydiff] WARNING: checkpoint {path} is incomplete ({err}); trying the previous one",
-                      flush=True)
+                logger.warning("checkpoint %s is incomplete (%s); trying the previous one", path, err)
             continue
         return checkpoint if path == checkpoint.path else Checkpoint(path, filesystem=fs)
     raise IncompleteCheckpoint("no complete checkpoint to resume from: " + "; ".join(problems) +
                                ". Remove the run directory's checkpoint_* folders to start over.")
 
 
-def saved_world_size(checkpoint) -> int:
-    """How many workers wrote ``checkpoint`` (from its trainer_state.json; 0 when it does not say)."""
+def saved_trainer_state(checkpoint) -> dict:
+    """``checkpoint``'s trainer_state.json (step, epoch, samples seen, data position), read where it is stored."""
     with checkpoint.filesystem.open_input_stream(posixpath.join(checkpoint.path, STATE_FILE)) as f:
-        return int(json.loads(f.read()).get("stream", {}).get("world", 0) or 0)
+        return json.loads(f.read())
 
 
 def to_universal(ckpt_dir: str, out_dir: str) -> str:
@@ -337,10 +339,9 @@ def _warn_layout_once() -> None:
 
     if "layout" not in _warned:
         _warned.add("layout")
-        print(f"[raydiff] WARNING: DeepSpeed {deepspeed.__version__} is outside the versions whose checkpoint layout "
-              f"raydiff knows ({DEEPSPEED_CHECKED}): each rank reads the whole checkpoint on resume. Run "
-              "tests/test_checkpoint.py against it and widen raydiff.compat.DEEPSPEED_CHECKED.",
-              flush=True)
+        logger.warning("DeepSpeed %s is outside the versions whose checkpoint layout raydiff knows (%s): each rank "
+                       "reads the whole checkpoint on resume. Run tests/test_checkpoint.py against it and widen "
+                       "raydiff.compat.DEEPSPEED_CHECKED.", deepspeed.__version__, DEEPSPEED_CHECKED)
 
 
 # ---------------------------------------------------------------- resuming: per-rank copies, convert once
@@ -422,7 +423,7 @@ def convert_once(fs: pafs.FileSystem, path: str, root: str) -> bool:
     the checkpoint's files are read (the checkpoint itself when local, else a node directory they are copied into).
     Returns whether it converted."""
     if _universal_done(fs, path):
-        print(f"[raydiff] reusing {path}/{UNIVERSAL}, converted by an earlier attempt", flush=True)
+        logger.info("reusing %s/%s, converted by an earlier attempt", path, UNIVERSAL)
         return False
     start = time.perf_counter()
     sizes = _sizes(fs, path)
@@ -443,8 +444,8 @@ def convert_once(fs: pafs.FileSystem, path: str, root: str) -> bool:
         if fs.get_file_info(posixpath.join(path, UNIVERSAL)).type != pafs.FileType.NotFound:
             fs.delete_dir(posixpath.join(path, UNIVERSAL))
         upload(final, fs, posixpath.join(path, UNIVERSAL))
-    print(f"[raydiff] converted {path} to DeepSpeed's universal format once, into {path}/{UNIVERSAL} "
-          f"({time.perf_counter() - start:.0f} s); the other ranks load it", flush=True)
+    logger.info("converted %s to DeepSpeed's universal format once, into %s/%s (%.0f s); the other ranks load it",
+                path, path, UNIVERSAL, time.perf_counter() - start)
     return True
 
 

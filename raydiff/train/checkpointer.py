@@ -8,10 +8,13 @@ CheckpointConfig(num_to_keep=checkpoint.keep), set by the driver: Ray deletes th
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+import logging
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 
 import ray.train
@@ -21,6 +24,8 @@ from raydiff.data.stream import StreamPosition
 from raydiff.train import checkpoint as ckpt
 from raydiff.train.checkpoint import DS_TAG, STATE_FILE
 from raydiff.train.ema import ShardedEMA
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -41,6 +46,9 @@ class Checkpointer:
         self.rank, self.world = rank, world
         self.checkpoint: ray.train.Checkpoint | None = None  # the one to resume from (find)
         self.universal = False  # it was written by another number of workers
+        self.saved = TrainState()  # its trainer state (find)
+        self.saved_step: int | None = None  # of this attempt's last checkpoint
+        self.write_s = self.upload_s = 0.0  # how long this rank's last checkpoint took to write, to upload
 
     @property
     def resumed(self) -> bool:
@@ -53,42 +61,57 @@ class Checkpointer:
         """From Ray's latest checkpoint (ray.train.get_checkpoint()), the newest complete one, and whether it was
         written by another number of workers (then DeepSpeed must load it as a universal checkpoint)."""
         self.checkpoint = ckpt.latest_complete(checkpoint, self.rank == 0) if checkpoint is not None else None
-        saved_world = ckpt.saved_world_size(self.checkpoint) if self.checkpoint is not None else 0
+        self.saved = TrainState(**ckpt.saved_trainer_state(self.checkpoint)) if self.checkpoint else TrainState()
+        saved_world = int(self.saved.stream.get("world", 0) or 0)
         self.universal = saved_world not in (0, self.world)
         if self.universal and self.rank == 0:
-            print(f"[raydiff] checkpoint written by {saved_world} workers, resuming on {self.world}: converting it to "
-                  "DeepSpeed's universal format (once, on rank 0)", flush=True)
+            logger.info("checkpoint written by %s workers, resuming on %s: converting it to DeepSpeed's universal "
+                        "format (once, on rank 0)", saved_world, self.world)
+
+    def position(self, batch_size: int) -> StreamPosition:
+        """This world's data position in the stream after the checkpoint found (the start without one): known
+        before the engine is built, so the data stream can start first."""
+        saved = StreamPosition(**self.saved.stream) if self.saved.stream else StreamPosition()
+        return saved.continue_with(self.world, batch_size)
 
     def restore(self, engine, ema: ShardedEMA | None, batch_size: int) -> tuple[TrainState, StreamPosition]:
         """Loads weights, optimizer, LR schedule, EMA and RNGs into place; returns the trainer state and this world's
         data position (so the next batch is the one the unbroken run would train on). Collective."""
-        state, checkpoint = TrainState(), self.checkpoint
+        state, checkpoint = copy.deepcopy(self.saved), self.checkpoint
         if checkpoint is not None:
             # Only the files this rank reads; another world size is converted once, by rank 0 (train/checkpoint.py).
             with ckpt.resume_dir(checkpoint, self.rank, self.world, universal=self.universal, barrier=dist.barrier,
                                  elastic=engine.zero_elastic_checkpoint()) as (ckpt_dir, load_dir):
                 engine.load_checkpoint(load_dir, tag=DS_TAG)
-                with open(os.path.join(ckpt_dir, STATE_FILE)) as f:
-                    state = TrainState(**json.load(f))
                 if ema is not None:
                     ema.load(ckpt_dir)
                 if state.stream.get("world") == self.world:
                     ckpt.load_rng_state(ckpt_dir, self.rank)
-        saved = StreamPosition(**state.stream) if state.stream else StreamPosition()
-        stream = saved.continue_with(self.world, batch_size)
+        self.saved_step = state.step if checkpoint is not None else None
+        stream = self.position(batch_size)
         if checkpoint is not None and self.rank == 0:
-            print(f"[raydiff] resumed from {checkpoint.path} at step {state.step} "
-                  f"(epoch {state.epoch}, data position {stream.samples_consumed()})", flush=True)
+            logger.info("resumed from %s at step %s (epoch %s, data position %s)", checkpoint.path, state.step,
+                        state.epoch, stream.samples_consumed())
         return state, stream
 
-    def save(self, metrics: dict, engine, ema: ShardedEMA | None, state: TrainState, stream: StreamPosition) -> None:
+    @property
+    def save_s(self) -> float:
+        """How long a checkpoint takes this rank to write and upload, as last measured (0 before the first)."""
+        return self.write_s + self.upload_s
+
+    def save(self, metrics: dict, engine, ema: ShardedEMA | None, state: TrainState, stream: StreamPosition,
+             wait: bool = False) -> None:
         """Reports `metrics` to Ray with a checkpoint. Every rank saves its part to local disk, uploaded in the
-        background (raydiff.train.checkpoint.report); `state.stream` becomes every rank's data position. Collective."""
+        background (raydiff.train.checkpoint.report) unless `wait`; `state.stream` becomes every rank's data
+        position. Collective."""
         places = [None] * self.world  # every rank's data position goes into rank 0's trainer_state.json
         dist.all_gather_object(places, (stream.consumed[self.rank], stream.emitted[self.rank]))
         state.stream = dataclasses.asdict(dataclasses.replace(
             stream, consumed=[c for c, _ in places], emitted=[list(e) for _, e in places]))
-        tmp = ckpt.staging_dir()  # after this rank's previous upload: one in flight at most
+        previous = ckpt.wait_for_upload()  # one upload in flight at most (staging_dir waits too)
+        self.upload_s = previous.seconds if previous is not None else self.upload_s
+        start = time.perf_counter()
+        tmp = ckpt.staging_dir()
         try:
             engine.save_checkpoint(tmp, tag=DS_TAG)
             if self.rank == 0:
@@ -103,4 +126,8 @@ class Checkpointer:
             raise
         # Ray's upload thread uploads and deletes it while training goes on; the run's last checkpoint is waited for,
         # so that nothing after it (the export) can fail before it is safe.
-        ckpt.report(metrics, tmp, wait=state.step >= self.max_steps)
+        self.write_s, self.saved_step = time.perf_counter() - start, state.step
+        ckpt.report(metrics, tmp, wait=wait or state.step >= self.max_steps)
+        if wait:  # done by now: its duration
+            uploaded = ckpt.wait_for_upload()
+            self.upload_s = uploaded.seconds if uploaded is not None else self.upload_s

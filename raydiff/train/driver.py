@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import socket
 import sys
@@ -23,7 +24,8 @@ from ray.train.torch import TorchTrainer
 
 from raydiff import console, models, shape, storage
 from raydiff.compat import find_bootstrap_address
-from raydiff.config import Config, ConfigError, help_text, is_uri, load_config, markdown_table, run_dir, storage_path
+from raydiff.config import (Config, ConfigError, ScalingSection, help_text, is_uri, load_config, markdown_table,
+                            run_dir, storage_path)
 from raydiff.data import manifest as manifests
 from raydiff.data import sources, stats
 from raydiff.data.demo import ensure_demo_dataset
@@ -34,6 +36,8 @@ from raydiff.train import tracking
 from raydiff.train.deepspeed_setup import PRECISION_DTYPES
 from raydiff.train.entry import train_loop_per_worker
 from raydiff.train.metrics_log import read_metrics
+
+logger = logging.getLogger(__name__)
 
 
 SHAPE_STORAGE = "~/raydiff_runs/shape-checks"
@@ -58,6 +62,9 @@ def init_ray(cfg: Config, num_cpus: float | None = None) -> None:
     # The controller drains each worker's one-slot report queue at this interval (default 2 s), which bounds how
     # fast ray.train.report returns; Ray propagates this variable from the driver to the controller.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    # How often Ray Train asks the GCS for nodes being drained (default 5 s): a preemption notice reaches the workers
+    # within this, and they checkpoint at the next step (raydiff.train.preemption). One GCS call per run.
+    os.environ.setdefault("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "2")
     # Ray Train also routes worker prints through its logger, which shows every progress line twice.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -83,16 +90,17 @@ def _local_cluster_answers() -> bool:
         socket.create_connection((host, int(port)), timeout=2).close()
         return True
     except (OSError, ValueError):
-        print(f"[raydiff] ignoring {recorded}, the Ray cluster recorded on this machine: it does not answer "
-              "(stopped without `ray stop`?); starting a local Ray", flush=True)
+        logger.info("ignoring %s, the Ray cluster recorded on this machine: it does not answer (stopped without "
+                    "`ray stop`?); starting a local Ray", recorded)
         return False
 
 
 def run_cpus(cfg: Config) -> float:
     """Logical CPUs one run needs to never stall: its workers, each worker's preprocessing tasks (and streamed
     encoder actors) at full concurrency, and one for the read and sort tasks that feed them."""
-    streamed_encoders = cfg.data.precompute_concurrency if cfg.data.precompute != "none" and not cfg.data.cache_dir else 0
-    return cfg.scaling.num_workers * (cfg.scaling.cpus_per_worker + PREPROCESS_TASKS + streamed_encoders) + 1
+    streamed = cfg.data.precompute != "none" and not cfg.data.cache_dir
+    streamed_encoders = cfg.data.precompute_concurrency if streamed else 0
+    return cfg.scaling.max_workers * (cfg.scaling.cpus_per_worker + PREPROCESS_TASKS + streamed_encoders) + 1
 
 
 def data_spec(cfg: Config, stats_actor: str | None = None) -> DataSpec:
@@ -159,23 +167,21 @@ def build_trainer(cfg: Config, callbacks: list | None = None) -> TorchTrainer:
     """A TorchTrainer for one run; `run.name` + `run.storage_path` identify it, so relaunching resumes it."""
     spec, manifest, tokenizer_path = run_data(cfg, run_dir(cfg))
     stats_actor = spec.stats_actor
-    print(f"[raydiff] data: {cfg.data.source or 'generated demo dataset'} ({manifest.format}): "
-          f"{manifest.num_train} training rows, {manifest.num_val} validation rows, {len(manifest.unit_rows)} read "
-          f"units; {cfg.train.max_steps} steps = {summ.epochs_of(cfg, max(manifest.num_train, 1)):.1f} epochs",
-          flush=True)
-    val = validation_dataset(spec, tokenizer_path, manifest, stats_actor)
+    logger.info("data: %s (%s): %s training rows, %s validation rows, %s read units; %s steps = %.1f epochs",
+                cfg.data.source or "generated demo dataset", manifest.format, manifest.num_train, manifest.num_val,
+                len(manifest.unit_rows), cfg.train.max_steps, summ.epochs_of(cfg, max(manifest.num_train, 1)))
+    val_config, datasets = validation_data(spec, tokenizer_path, manifest, stats_actor)
     spec = with_precompute(cfg, spec, tokenizer_path, manifest)
     data = {"spec": spec, "tokenizer_path": tokenizer_path, "manifest": manifest}
-    s = cfg.scaling
     # An explicit filesystem carries the endpoint and credentials to Ray Train's controller and workers.
-    store_fs, store_path = storage.filesystem(storage_path(cfg)) if is_uri(storage_path(cfg)) else (None, storage_path(cfg))
-    resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
+    where = storage_path(cfg)
+    store_fs, store_path = storage.filesystem(where) if is_uri(where) else (None, where)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "run_dir": run_dir(cfg), "data_stats": stats_actor, "data": data,
                            "cloud_env": storage.cloud_env() if uses_object_store(cfg) else {},
-                           "verbose": console.is_verbose()},
-        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
+                           "verbose": console.is_verbose(), **val_config},
+        scaling_config=scaling_config(cfg.scaling),
         run_config=RunConfig(
             name=cfg.run.name,
             storage_path=store_path,
@@ -185,10 +191,20 @@ def build_trainer(cfg: Config, callbacks: list | None = None) -> TorchTrainer:
             callbacks=callbacks,
             logging_config=LoggingConfig(log_level=console.train_log_level()),
         ),
-        # Only val goes through Ray Train's ingest; each worker reads its own training stream (raydiff.data.stream).
-        datasets={"val": val},
-        dataset_config=DataConfig(datasets_to_split=[], execution_options={"val": _ordered()}),
+        # At most a large val goes through Ray Train's ingest; each worker reads its own training stream
+        # (raydiff.data.stream).
+        datasets=datasets or None,
+        dataset_config=DataConfig(datasets_to_split=[], execution_options={"val": _ordered()}) if datasets else None,
     )
+
+
+def scaling_config(s: ScalingSection) -> ScalingConfig:
+    """Ray Train's worker group: `scaling.num_workers` fixed, or [min, max] elastic (Ray Train starts once min fit,
+    and every `scaling.resize_interval_s` restarts the group at the size the cluster then holds)."""
+    resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
+    workers = (s.min_workers, s.max_workers) if s.elastic else s.num_workers
+    return ScalingConfig(num_workers=workers, use_gpu=s.use_gpu, resources_per_worker=resources,
+                         elastic_resize_monitor_interval_s=s.resize_interval_s)
 
 
 def run_manifest(spec, path: str):
@@ -216,17 +232,20 @@ def run_manifest(spec, path: str):
 IN_DRIVER_VAL_ROWS = 64
 
 
-def validation_dataset(spec, tokenizer_path: str, manifest, stats_actor: str):
-    """The held-out split, preprocessed once here and kept in the object store (at most data.val_max_samples rows):
-    every worker, and every worker group after a restart, reads these blocks instead of the source."""
+def validation_data(spec, tokenizer_path: str, manifest, stats_actor: str) -> tuple[dict, dict]:
+    """The held-out split, preprocessed once here, as (train_loop_config entries, Ray Train datasets): up to
+    IN_DRIVER_VAL_ROWS rows go to the workers as one object they batch themselves (no Ray Train ingest: a dataset
+    manager actor and an execution per worker, seconds of every start and restart); more rows are materialized in the
+    object store and go through Ray Train's ingest. Every worker group after a restart reads these, not the source."""
     if len(manifest.val_rows) <= IN_DRIVER_VAL_ROWS:
         rows = held_out_rows(spec, tokenizer_path, manifest)
-        val = ray.data.from_items(rows) if rows else None
-    else:
-        val = build_datasets(spec, tokenizer_path, manifest=manifest)["val"].materialize()
-    if val is None or val.count() == 0:  # no held-out row, or every one was skipped: say why before any worker starts
+        if not rows:  # every held-out row was skipped: say why before any worker starts
+            raise stats.no_data_error(stats_actor, "validation")
+        return {"val_rows": ray.put(rows)}, {}
+    val = build_datasets(spec, tokenizer_path, manifest=manifest)["val"].materialize()
+    if val.count() == 0:
         raise stats.no_data_error(stats_actor, "validation")
-    return val
+    return {}, {"val": val}
 
 
 def uses_object_store(cfg: Config) -> bool:
@@ -247,7 +266,7 @@ def run_training(cfg: Config, callbacks: list | None = None) -> RunOutputs:
     init_ray(cfg)
     models.resolve_pretrained(cfg.model.pretrained)  # build/cache the tiny model once, before workers race for it
     path = prepare_run_dir(cfg)
-    print(summ.format_start(cfg, path), flush=True)
+    logger.info("%s", summ.format_start(cfg, path))
     mlflow_run = tracking.start_mlflow_run(cfg)
     try:
         result = build_trainer(cfg, [*(callbacks or []), tracking.RunTracker(cfg, mlflow_run)]).fit()
@@ -337,5 +356,6 @@ def main(argv: list[str] | None = None) -> int:
     out = run_training(cfg)
     s = summ.Summary.from_rows(read_metrics(out.metrics_path), out.wall_s)
     extras = {"metrics": out.metrics_path, "config": storage.join(out.run_dir, "config.yaml"), **out.extras}
+    # The command's result (a block to read or paste), not a log line: printed as it is.
     print("\n" + summ.format_summary(s, out.run_dir, out.model_dir, out.checkpoint_path, extras), flush=True)
     return 0

@@ -8,7 +8,10 @@ exposure bias, sample images) and raydiff.train.metrics_logger (metrics.jsonl, p
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,17 +23,21 @@ import torch.distributed as dist
 from raydiff import console, models, storage
 from raydiff.config import Config, from_dict
 from raydiff.data import stats
-from raydiff.data.loader import planned_batches
+from raydiff.data.loader import Prefetched, held_out_batches, planned_batches
 from raydiff.data.stream import StreamPosition
 from raydiff.export import export_pipeline, gather_fp32_state_dict
+from raydiff.train import elastic
 from raydiff.train.checkpointer import Checkpointer, TrainState
 from raydiff.train.deepspeed_setup import (PRECISION_DTYPES, build_lr_scheduler, build_optimizer, deepspeed_config,
                                           initialize_engine)
 from raydiff.train.ema import ShardedEMA
 from raydiff.train.metrics_logger import MetricsLogger
+from raydiff.train.preemption import Notice, PreemptionWatch
 from raydiff.train.speed import apply_speed_settings, use_reserved_cpus
 from raydiff.train.step import TrainStep, step_generator
 from raydiff.train.validator import METRIC_PREFIXES, Validator
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -86,6 +93,9 @@ class Worker:
         use_reserved_cpus(cfg.scaling.cpus_per_worker)
         self.checkpointer = Checkpointer(cfg.checkpoint.every_n_steps, cfg.train.max_steps, self.rank, self.world)
         self.checkpointer.find(ray.train.get_checkpoint())  # before the engine: a universal one changes its config
+        # The data stream starts first: its first execution overlaps the model and engine build (loader.Prefetched).
+        self.batches = self.start_batches(self.checkpointer.saved.step,
+                                          self.checkpointer.position(cfg.train.batch_size))
         self.comps = load_model(cfg, self.device, self.dtype)
         self.engine, self.lr_scheduler = build_engine(cfg, self.comps.unet, self.world, self.checkpointer.universal)
         encoders = models.FrozenEncoders(self.comps.vae, self.comps.text_encoder, self.comps.text_encoder_2)
@@ -100,10 +110,13 @@ class Worker:
                                      cfg.objective.gamma)
         self.state = TrainState()  # restore() replaces it with the checkpoint's
         self.stream = StreamPosition()  # this world's data position (restore)
+        self.preemption = PreemptionWatch(self.rank) if cfg.checkpoint.on_preemption else None
 
     def restore(self) -> None:
         """Everything an unbroken run would have at this step (raydiff.train.checkpointer)."""
         self.state, self.stream = self.checkpointer.restore(self.engine, self.ema, self.cfg.train.batch_size)
+        if self.cfg.scaling.elastic:  # the LR of this world size (raydiff.train.elastic), not the checkpoint's
+            elastic.set_peak_lr(self.lr_scheduler, self.cfg.optim.lr * elastic.lr_factor(self.cfg, self.world))
 
     def train(self) -> None:
         """Optimizer steps from the restored one to train.max_steps; each component says when it acts."""
@@ -119,7 +132,8 @@ class Worker:
                 continue
             self.finish_optimizer_step(consumed, epoch)
             step = self.state.step
-            do_val, do_ckpt = self.validator.due(step), self.checkpointer.due(step)
+            notice, noticed = self.preemption_notice(step), time.perf_counter()
+            do_val, do_ckpt = self.validator.due(step), self.checkpointer.due(step) or notice is not None
             do_log, do_report = self.metrics.due(step, must_report=do_val or do_ckpt)
             if not do_log:
                 continue
@@ -131,21 +145,32 @@ class Worker:
                 self.finish(metrics)
                 return
             if do_report:
-                self.report(metrics, with_checkpoint=do_ckpt)
+                self.report(metrics, with_checkpoint=do_ckpt, wait=notice is not None)
+            if notice is not None:
+                self.preemption.hold(notice, step, time.perf_counter() - noticed)
             self.metrics.restart_window()
         raise stats.no_data_error(self.data_stats, "train")  # the stream ended: every row of an epoch was bad
 
     # ------------------------------------------------------------ its parts
 
+    def start_batches(self, step: int, position: StreamPosition) -> Prefetched | None:
+        """(torch batch, rows consumed, epoch) from this rank's seeded stream at `position` (the checkpoint's: the
+        one `restore` returns), produced ahead in a thread; None when only the export is left."""
+        d, t = self.data, self.cfg.train
+        if step >= t.max_steps:
+            return None
+        micro_steps = (t.max_steps - step) * t.grad_accum
+        batches = planned_batches(d["spec"], d["tokenizer_path"], d["manifest"], position, self.rank, t.batch_size,
+                                  t.prefetch_batches, rows_needed=micro_steps * t.batch_size)  # one execution
+        # No more than the run trains on: reading ahead past its last step would start a further execution.
+        return Prefetched(as_torch(batches, micro_steps))
+
     def train_batches(self):
-        """(torch batch, rows consumed, epoch) from this rank's seeded stream, from the restored data position."""
-        d = self.data
-        t = self.cfg.train
-        rows_needed = (t.max_steps - self.state.step) * t.grad_accum * t.batch_size  # one execution for the run
-        for batch, consumed, epoch in planned_batches(d["spec"], d["tokenizer_path"], d["manifest"],
-                                                      self.stream, self.rank, t.batch_size, t.prefetch_batches,
-                                                      rows_needed):
-            yield {c: torch.from_numpy(np.ascontiguousarray(v)) for c, v in batch.items()}, consumed, epoch
+        """The stream started in __init__, ended when training ends."""
+        try:
+            yield from self.batches
+        finally:
+            self.batches.close()
 
     def train_micro_step(self, batch: dict, micro: int) -> tuple[torch.Tensor, float | torch.Tensor]:
         """(detached loss, gamma) of one micro-step, its noise drawn from (seed, step, micro-step, rank)."""
@@ -163,15 +188,26 @@ class Worker:
         self.state.samples_seen += self.metrics.global_batch
         self.metrics.step_done()
 
+    def preemption_notice(self, step: int) -> Notice | None:
+        """The preemption notice to save a just-in-time checkpoint for at this step, or None (collective: every rank
+        at every optimizer step; raydiff.train.preemption)."""
+        if self.preemption is None or step >= self.cfg.train.max_steps:  # the last step saves one anyway
+            return None
+        notice = self.preemption.check(self.checkpointer.save_s)
+        if notice is None:
+            return None
+        self.preemption.announce(notice, step, self.checkpointer.saved_step)
+        return notice if notice.fits else None
+
     def gamma_now(self) -> float:
         """The gamma the schedule gives at the current step (random_strength: its mean, gamma / 2)."""
         o = self.cfg.objective
         return o.gamma / 2 if o.gamma_schedule == "random_strength" else float(self.step.gamma(self.state.step))
 
-    def report(self, metrics: dict, with_checkpoint: bool) -> None:
-        """Every rank reports (a barrier); with a checkpoint (raydiff.train.checkpointer)."""
+    def report(self, metrics: dict, with_checkpoint: bool, wait: bool = False) -> None:
+        """Every rank reports (a barrier); with a checkpoint (raydiff.train.checkpointer), `wait`: until uploaded."""
         if with_checkpoint:
-            self.checkpointer.save(metrics, self.engine, self.ema, self.state, self.stream)
+            self.checkpointer.save(metrics, self.engine, self.ema, self.state, self.stream, wait=wait)
         else:
             ray.train.report(metrics)
 
@@ -194,8 +230,24 @@ class Worker:
             path = export_pipeline(self.cfg, state_dict, self.engine.module.config, self.step.prediction_type,
                                    storage.join(self.run_dir, "final"), info={"ema": self.ema is not None,
                                                                                "ema_decay": self.cfg.train.ema_decay})
-            print(f"[raydiff] exported diffusers pipeline to {path}", flush=True)
+            logger.info("exported diffusers pipeline to %s", path)
         dist.barrier()
+
+
+def as_torch(batches, limit: int):
+    """The first `limit` (numpy batch, consumed, epoch) items as (torch batch, consumed, epoch); `batches` is closed
+    after them (or when this is closed)."""
+    with contextlib.closing(batches):
+        for _, (batch, consumed, epoch) in zip(range(limit), batches):  # range first: no item read past `limit`
+            yield {c: torch.from_numpy(np.ascontiguousarray(v)) for c, v in batch.items()}, consumed, epoch
+
+
+def validation_batches(loop_config: dict, batch_size: int):
+    """The held-out split as torch batches: the driver's rows (driver.validation_data), or Ray Train's "val"."""
+    if "val_rows" not in loop_config:
+        return ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=batch_size)
+    rows = ray.get(loop_config["val_rows"])
+    return ({c: torch.from_numpy(v) for c, v in batch.items()} for batch in held_out_batches(rows, batch_size))
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -206,8 +258,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     os.environ.update(loop_config.get("cloud_env") or {})  # run-dir files on an object store (raydiff.storage)
     worker = Worker(cfg, loop_config["run_dir"], loop_config.get("data_stats"), loop_config["data"])
     worker.restore()
-    val = ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=cfg.validation.batch_size)
-    worker.validator.load(val, worker.data_stats)
+    worker.validator.load(validation_batches(loop_config, cfg.validation.batch_size), worker.data_stats)
     if worker.state.step < cfg.train.max_steps:
         worker.train()  # exports at its last step
     else:

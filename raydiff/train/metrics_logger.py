@@ -1,13 +1,14 @@
 """A worker's step metrics and when to log and report them.
 
-Every `train.log_every_n_steps` optimizer steps, rank 0 appends a row to metrics.jsonl (raydiff.train.metrics_log)
-and prints a progress line; every `train.report_every_n_steps` (and whenever a validation or a checkpoint is due)
-every rank reports the row to Ray Train, whose controller mirrors it to TensorBoard and MLflow
-(raydiff.train.tracking.RunTracker).
+Every `train.log_every_n_steps` optimizer steps, rank 0 appends a row to metrics.jsonl (raydiff.train.metrics_log),
+and prints a progress line if `train.progress_every_s` have passed since its last one; every
+`train.report_every_n_steps` (and whenever a validation or a checkpoint is due) every rank reports the row to Ray
+Train, whose controller mirrors it to TensorBoard and MLflow (raydiff.train.tracking.RunTracker).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
@@ -18,6 +19,8 @@ from raydiff.config import TrainSection
 from raydiff.data import stats
 from raydiff.train.metrics_log import MetricsLog
 
+logger = logging.getLogger(__name__)
+
 
 class MetricsLogger:
     """The mean loss over the steps since the last row (across ranks), the learning rate, training samples/s over
@@ -26,6 +29,9 @@ class MetricsLogger:
     def __init__(self, t: TrainSection, run_dir: str, rank: int, world: int, device: torch.device,
                  stats_actor: str | None, gamma: float):
         self.max_steps, self.log_every, self.report_every = t.max_steps, t.log_every_n_steps, t.report_every_n_steps
+        # Console lines by time, like a progress bar: at tens of steps/s a line per step costs the worker, Ray's log
+        # monitor and the driver CPU time, and scrolls past unread.
+        self.progress_every_s, self.last_line = t.progress_every_s, -float("inf")
         self.global_batch = t.batch_size * t.grad_accum * world  # samples per optimizer step, all ranks
         self.path = storage.join(run_dir, "metrics.jsonl")
         self.rank, self.world, self.device = rank, world, device
@@ -70,7 +76,11 @@ class MetricsLogger:
         elapsed = max(time.perf_counter() - self.window_start, 1e-9)
         return {"step": step, "epoch": epoch, "loss": loss.item() / self.world, "lr": lr,
                 "samples_per_s": self.window_steps * self.global_batch / elapsed, "gamma": float(self.gamma),
-                "time": time.time(), **self.data_counts}
+                **self.layout(), "time": time.time(), **self.data_counts}
+
+    def layout(self) -> dict:
+        """Workers and global batch of the row's step: an elastic run's change with the cluster."""
+        return {"world_size": self.world, "global_batch": self.global_batch}
 
     def restart_window(self) -> None:
         """samples_per_s measures training only: called after validation, logging and checkpointing."""
@@ -78,23 +88,27 @@ class MetricsLogger:
 
     def baseline(self, val_metrics: dict, gamma: float) -> dict:
         """The step-0 row of the untrained model (so every curve starts from the same point), written on rank 0."""
-        row = {"step": 0, "epoch": 0, **val_metrics, "gamma": gamma, "time": time.time()}
+        row = {"step": 0, "epoch": 0, **val_metrics, "gamma": gamma, **self.layout(), "time": time.time()}
         if self.log is not None:
             self.log.append(row)
-            print(f"[raydiff] step 0/{self.max_steps} | val_loss {row['val_loss']:.4f} (untrained)", flush=True)
+            logger.info("step 0/%d | val_loss %.4f (untrained)", self.max_steps, row["val_loss"])
         return row
 
     def write(self, metrics: dict) -> None:
         """Rank 0: the metrics.jsonl row and the progress line."""
-        if self.log is not None:
-            self.log.append(metrics)
-            print(self.progress_line(metrics), flush=True)
+        if self.log is None:
+            return
+        self.log.append(metrics)
+        now = time.perf_counter()
+        if "val_loss" in metrics or metrics["step"] >= self.max_steps or now - self.last_line >= self.progress_every_s:
+            self.last_line = now
+            logger.info("%s", self.progress_line(metrics))
 
     def progress_line(self, m: dict) -> str:
-        """One line per logged step: a steady cadence; val_loss only when just computed."""
+        """A logged step's line; val_loss only when just computed."""
         done = m["step"] - self.start_step
         per_step = (time.perf_counter() - self.run_start) / max(done, 1)
         eta = per_step * (self.max_steps - m["step"])
         val = f" | val_loss {m['val_loss']:.4f}" if "val_loss" in m else ""
-        return (f"[raydiff] step {m['step']}/{self.max_steps} | loss {m['loss']:.4f}{val} | "
+        return (f"step {m['step']}/{self.max_steps} | loss {m['loss']:.4f}{val} | "
                 f"{m['samples_per_s']:.1f} samples/s | lr {m['lr']:.2e} | ETA {eta:.0f}s")

@@ -1,8 +1,9 @@
 """Model-speed switches for the trained UNet, applied once before `deepspeed.initialize` (`train.*` config keys).
 
-- `train.attention`: `sdpa` (default) runs every attention layer through `torch.nn.functional.scaled_dot_product_attention`
-  (diffusers' `AttnProcessor2_0`, which diffusers already picks by default on torch >= 2; enforced here so a model
-  loaded with other processors still gets it); `eager` is diffusers' explicit baddbmm + softmax, kept as a baseline.
+- `train.attention`: `sdpa` (default) runs every attention layer through
+  `torch.nn.functional.scaled_dot_product_attention` (diffusers' `AttnProcessor2_0`, which diffusers already picks
+  by default on torch >= 2; enforced here so a model loaded with other processors still gets it); `eager` is
+  diffusers' explicit baddbmm + softmax, kept as a baseline.
 - `train.gradient_checkpointing`: recompute activations in the backward pass (memory for ~30 % more compute).
 - `train.channels_last`: NHWC weights for the convolutions (faster cuDNN/oneDNN kernels on tensor cores).
 - `train.compile`: `torch.compile` of the UNet, in place (`nn.Module.compile`), so parameter names, DeepSpeed

@@ -87,19 +87,21 @@ def sample_grid(cfg: Config, model_dir: str):
 
 def epochs_of(cfg: Config, train_rows: int) -> float:
     """How many passes over `train_rows` the run's max_steps make at its global batch."""
-    return cfg.train.max_steps * cfg.train.batch_size * cfg.train.grad_accum * cfg.scaling.num_workers / train_rows
+    return cfg.train.max_steps * cfg.train.batch_size * cfg.train.grad_accum * cfg.scaling.max_workers / train_rows
 
 
 def format_start(cfg: Config, run_dir: str) -> str:
-    """The config in three lines, printed before Ray Train starts."""
+    """The config in three lines, logged before Ray Train starts (the logger puts "[raydiff] " before each)."""
     t, s, d, o = cfg.train, cfg.scaling, cfg.deepspeed, cfg.objective
-    per_step = t.batch_size * t.grad_accum * s.num_workers
+    per_step = t.batch_size * t.grad_accum * s.max_workers  # elastic: at max workers
     device = f"{s.gpus_per_worker:g} GPU" if s.use_gpu else f"{s.cpus_per_worker:g} CPU"
+    workers = f"{s.min_workers}-{s.max_workers} (elastic)" if s.elastic else s.num_workers
     return "\n".join([
-        f"[raydiff] run {cfg.run.name} in {run_dir}",
-        f"[raydiff]   model {cfg.model.pretrained} | {t.max_steps} steps | {s.num_workers} workers ({device} each) x "
-        f"batch {t.batch_size} x accumulation {t.grad_accum} = {per_step} samples/step | ZeRO-{d.zero_stage} {d.precision}",
-        f"[raydiff]   IP gamma {o.gamma:g} ({o.gamma_schedule}) | {cfg.optim.optimizer} lr {cfg.optim.lr:.1e} "
+        f"run {cfg.run.name} in {run_dir}",
+        f"  model {cfg.model.pretrained} | {t.max_steps} steps | {workers} workers ({device} each) x "
+        f"batch {t.batch_size} x accumulation {t.grad_accum} = {per_step} samples/step | "
+        f"ZeRO-{d.zero_stage} {d.precision}",
+        f"  IP gamma {o.gamma:g} ({o.gamma_schedule}) | {cfg.optim.optimizer} lr {cfg.optim.lr:.1e} "
         f"({cfg.optim.lr_scheduler}) | validation every {cfg.validation.every_n_steps} | checkpoint every "
         f"{cfg.checkpoint.every_n_steps} (keep {cfg.checkpoint.keep})",
     ])

@@ -10,6 +10,7 @@ a resumed run keeps logging to the same MLflow run.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 
@@ -18,6 +19,8 @@ from ray.train import UserCallback
 
 from raydiff import hub, storage  # light: the Train controller, which runs RunTracker, imports no torch
 from raydiff.config import Config, is_uri, run_dir
+
+logger = logging.getLogger(__name__)
 
 SCALARS = ("loss", "val_loss", "lr", "samples_per_s", "gamma", "epoch")
 MLFLOW_RUN_FILE = "mlflow_run.json"
@@ -37,7 +40,8 @@ def reported_scalars(metrics: dict) -> dict[str, float]:
 
 
 def flat_params(cfg: Config) -> dict[str, str]:
-    return {f"{section}.{key}": str(value) for section, values in cfg.to_dict().items() for key, value in values.items()}
+    return {f"{section}.{key}": str(value)
+            for section, values in cfg.to_dict().items() for key, value in values.items()}
 
 
 # ---------------------------------------------------------------- MLflow
@@ -108,7 +112,7 @@ class RunTracker(UserCallback):
         report = metrics[0]
         step, scalars = int(report.get("step", 0)), reported_scalars(report)
         if checkpoint is not None:
-            print(f"[raydiff] checkpoint at step {step}: {checkpoint.path}", flush=True)
+            logger.info("checkpoint at step %d: %s", step, checkpoint.path)
         if self.cfg.logging.tensorboard:
             for key, value in scalars.items():
                 self.writer().add_scalar(key, value, global_step=step)

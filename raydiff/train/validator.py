@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import io
+import logging
 import math
 import os
 from typing import Callable, Iterable, Iterator
@@ -23,6 +24,7 @@ from raydiff.config import ValidationSection
 from raydiff.data import stats
 from raydiff.train.step import Conditioning, TrainStep, step_generator
 
+logger = logging.getLogger(__name__)
 METRIC_PREFIXES = ("val_loss", "exposure_bias")  # the keys Validator.run adds to a step's metrics
 
 
@@ -118,7 +120,7 @@ class Validator:
         if not v.prompts or self.rank != 0:
             return
         if self.zero_stage == 3:  # rank 0 alone cannot run a sharded UNet (its forwards gather)
-            print("[raydiff] validation images skipped: ZeRO-3 shards the UNet across ranks", flush=True)
+            logger.info("validation images skipped: ZeRO-3 shards the UNet across ranks")
             return
         c, e, unet = self.comps, self.step.encoders, self.step.engine.module
         scheduler = EulerDiscreteScheduler.from_config(c.noise_scheduler.config,

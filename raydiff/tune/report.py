@@ -134,7 +134,8 @@ def best_model_lines(best: TrialRow | None, exported: TrialRow | None) -> list[s
     lines = [f"  trial {best.trial_id} was {best.status} at step {best.steps} (no export; its checkpoints are in "
              f"its run directory)"]
     if exported is not None:
-        lines.append(f"  best model:  {exported.model} (trial {exported.trial_id}, val_loss {exported.best_val_loss:.6g})")
+        lines.append(f"  best model:  {exported.model} (trial {exported.trial_id}, "
+                     f"val_loss {exported.best_val_loss:.6g})")
     else:
         lines.append("  best model:  (none: no trial finished with an export)")
     return lines

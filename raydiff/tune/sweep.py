@@ -6,6 +6,7 @@ Re-running the same command resumes an interrupted sweep: finished trials are ke
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 
@@ -19,6 +20,8 @@ from raydiff.config import Config, from_dict, run_dir, set_value, storage_path, 
 from raydiff.train.driver import init_ray, load_cli_config, prepare_precompute_cache, run_cpus, run_training
 from raydiff.tune import asha
 from raydiff.tune.report import write_sweep_outputs
+
+logger = logging.getLogger(__name__)
 
 METRIC, MODE = "val_loss", "min"
 TRIAL_DRIVER_CPUS = 0.01
@@ -68,7 +71,10 @@ def max_concurrent_trials(cfg: Config, cluster: dict | None = None) -> int:
         return cfg.tune.max_concurrent_trials
     have = cluster if cluster is not None else ray.cluster_resources()
     s = cfg.scaling
-    fits = have.get("GPU", 0) / (s.num_workers * s.gpus_per_worker) if s.use_gpu else have.get("CPU", 0) / cpus_per_trial(cfg)
+    if s.use_gpu:
+        fits = have.get("GPU", 0) / (s.max_workers * s.gpus_per_worker)
+    else:
+        fits = have.get("CPU", 0) / cpus_per_trial(cfg)
     return max(1, math.floor(fits + 1e-9))
 
 
@@ -98,7 +104,7 @@ def build_tuner(cfg: Config, sweep_dir: str) -> tune.Tuner:
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=cfg.to_dict(), sweep_dir=sweep_dir),
                                     {"cpu": TRIAL_DRIVER_CPUS})
     if tune.Tuner.can_restore(sweep_dir):
-        print(f"[raydiff] resuming the sweep in {sweep_dir}", flush=True)
+        logger.info("resuming the sweep in %s", sweep_dir)
         return tune.Tuner.restore(sweep_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
     concurrency = max_concurrent_trials(cfg)
     return tune.Tuner(
@@ -127,6 +133,6 @@ def run_sweep(cfg: Config):
 def main(argv: list[str] | None = None) -> int:
     cfg = load_cli_config(argv, "python -m raydiff.tune", "Ray Tune sweep over the IP gamma, its schedule and lr.")
     summary = run_sweep(cfg)
-    print(summary.text, flush=True)
+    print(summary.text, flush=True)  # the command's result (the trials table), not a log line: printed as it is
     # Non-zero when the sweep was interrupted or a trial failed, so an overnight script notices.
     return 0 if summary.finished else 1
