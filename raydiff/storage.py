@@ -66,10 +66,14 @@ def makedirs(path: str) -> None:
     fs.create_dir(p, recursive=True)
 
 
-def read_text(path: str) -> str:
+def read_bytes(path: str) -> bytes:
     fs, p = _fs(path)
     with fs.open_input_stream(p) as f:
-        return f.read().decode()
+        return f.read()
+
+
+def read_text(path: str) -> str:
+    return read_bytes(path).decode()
 
 
 def write_text(path: str, text: str) -> None:

@@ -72,6 +72,9 @@ def test_tensorboard_holds_the_reported_scalars_and_a_sample_grid(finished_run):
         expected = {(r["step"], float(np.float32(r[key]))) for r in finished_run["rows"] if r.get(key) is not None}
         assert expected and scalars[key] == expected, key
     assert "samples" in images
+    # Each validation's grid (written by rank 0, added by the Train controller), then the end-of-run grid.
+    validated = sorted(r["step"] for r in finished_run["rows"] if r.get("val_loss") is not None)
+    assert [e.step for e in acc.Images("samples")] == [*validated, STEPS], acc.Images("samples")
     grid = acc.Images("samples")[-1]
     assert grid.step == STEPS and grid.width == 2 * grid.height  # the two default prompts side by side
 

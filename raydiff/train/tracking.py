@@ -9,6 +9,7 @@ a resumed run keeps logging to the same MLflow run.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -116,6 +117,8 @@ class RunTracker(UserCallback):
         if self.cfg.logging.tensorboard:
             for key, value in scalars.items():
                 self.writer().add_scalar(key, value, global_step=step)
+            if "val_loss" in report:
+                self.add_validation_grid(step)
             self.writer().flush()
             if checkpoint is not None:
                 sync_tensorboard(self.cfg)
@@ -125,6 +128,18 @@ class RunTracker(UserCallback):
             now = int(report.get("time", 0) * 1000)
             mlflow_client(self.cfg).log_batch(
                 self.mlflow_run_id, metrics=[Metric(k, v, now, step) for k, v in scalars.items()])
+
+
+    def add_validation_grid(self, step: int) -> None:
+        """The sample grid of this step's validation (validation.prompts), which rank 0 wrote to <run>/samples
+        before it reported: TensorBoard is written here and by the driver (log_sample_grid), not by workers."""
+        path = storage.join(run_dir(self.cfg), "samples", f"step_{step:06d}.png")
+        if not self.cfg.validation.prompts or not storage.exists(path):
+            return
+        from PIL import Image  # here: only for runs with validation images
+
+        grid = np.asarray(Image.open(io.BytesIO(storage.read_bytes(path))).convert("RGB"))
+        self.writer().add_image("samples", grid, global_step=step, dataformats="HWC")
 
 
 def sync_tensorboard(cfg: Config) -> None:

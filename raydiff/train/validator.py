@@ -11,10 +11,8 @@ import functools
 import io
 import logging
 import math
-import os
 from typing import Callable, Iterable, Iterator
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
@@ -142,12 +140,4 @@ class Validator:
         buf = io.BytesIO()
         grid.save(buf, format="PNG")
         path = storage.join(self.run_dir, "samples", f"step_{step:06d}.png")
-        storage.write_bytes(path, buf.getvalue())
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # TensorBoard is optional
-            return
-        if not storage.is_local(self.run_dir):
-            return
-        with SummaryWriter(os.path.join(self.run_dir, "tensorboard")) as writer:
-            writer.add_image("samples", np.asarray(grid), step, dataformats="HWC")
+        storage.write_bytes(path, buf.getvalue())  # before the step's report: the controller adds it to TensorBoard
