@@ -239,7 +239,12 @@ def as_torch(batches, limit: int):
     after them (or when this is closed)."""
     with contextlib.closing(batches):
         for _, (batch, consumed, epoch) in zip(range(limit), batches):  # range first: no item read past `limit`
-            yield {c: torch.from_numpy(np.ascontiguousarray(v)) for c, v in batch.items()}, consumed, epoch
+            yield torch_batch(batch), consumed, epoch
+
+
+def torch_batch(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """A numpy batch as torch tensors sharing its memory (copied only where a column is not contiguous)."""
+    return {c: torch.from_numpy(np.ascontiguousarray(v)) for c, v in batch.items()}
 
 
 def validation_batches(loop_config: dict, batch_size: int):
@@ -247,7 +252,7 @@ def validation_batches(loop_config: dict, batch_size: int):
     if "val_rows" not in loop_config:
         return ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=batch_size)
     rows = ray.get(loop_config["val_rows"])
-    return ({c: torch.from_numpy(v) for c, v in batch.items()} for batch in held_out_batches(rows, batch_size))
+    return (torch_batch(batch) for batch in held_out_batches(rows, batch_size))
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
