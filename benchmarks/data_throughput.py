@@ -89,7 +89,7 @@ def step_costs(resolution: int, batch: int, steps: int, warmup: int = 3, rounds:
 
     from raydiff import config as C
     from raydiff import models, tokens
-    from raydiff.data.precompute import LATENT_COLUMN
+    from raydiff.data.columns import LATENT_COLUMN
     from raydiff.train.deepspeed_setup import build_lr_scheduler, build_optimizer
     from raydiff.train.step import PlainEngine, TrainStep, step_generator
 

@@ -45,6 +45,7 @@ the wiring from rotting on machines without a GPU (tests/test_gpu_sdxl_dry_run.p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import json
@@ -215,7 +216,7 @@ def precomputed_batch(model: SDXL, online: dict) -> dict:
     """The same rows as `data.precompute: latents` delivers them: fp32 latent moments and text embeddings, encoded
     by the frozen encoders (raydiff.data.precompute.Encoder), on the host."""
     from raydiff import models
-    from raydiff.data.precompute import LATENT_COLUMN
+    from raydiff.data.columns import LATENT_COLUMN
 
     e = model.encoders
     with torch.no_grad():
@@ -318,7 +319,32 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_cell(step, batch: dict, args, device: torch.device, flops: int, peak_tflops: float) -> dict:
+@contextlib.contextmanager
+def profiled(directory: str | None, device: torch.device):
+    """torch.profiler around a cell's timed micro-steps when `--profile DIR` is given (its timings then include the
+    profiler's overhead), else nothing."""
+    if directory is None:
+        yield None
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        yield prof
+
+
+def write_profile(prof, directory: str, name: str, device: torch.device) -> None:
+    """The ops that took the time, by device time and by host time: where a step's seconds go."""
+    os.makedirs(directory, exist_ok=True)
+    table = prof.key_averages()
+    keys = (["self_cuda_time_total"] if device.type == "cuda" else []) + ["self_cpu_time_total"]
+    with open(os.path.join(directory, f"{name}.txt"), "w") as f:
+        for key in keys:
+            f.write(f"# sorted by {key}\n{table.table(sort_by=key, row_limit=40)}\n")
+
+
+def time_cell(step, batch: dict, args, device: torch.device, flops: int, peak_tflops: float,
+              cell_name: str = "cell") -> dict:
     """`--warmup` then `--steps` micro-steps of TrainStep, each with its generator made as Worker.train_micro_step
     makes it; losses are read after the timed loop (no host sync inside it)."""
     from raydiff.train.step import step_generator
@@ -338,10 +364,13 @@ def time_cell(step, batch: dict, args, device: torch.device, flops: int, peak_tf
         micro_step(i)
     synchronize(device)
     warmup_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    losses = [micro_step(i) for i in range(args.warmup, args.warmup + args.steps)]
-    synchronize(device)
-    seconds = time.perf_counter() - t0
+    with profiled(args.profile, device) as prof:
+        t0 = time.perf_counter()
+        losses = [micro_step(i) for i in range(args.warmup, args.warmup + args.steps)]
+        synchronize(device)
+        seconds = time.perf_counter() - t0
+    if prof is not None:
+        write_profile(prof, args.profile, cell_name, device)
     achieved = flops * args.steps / seconds / 1e12  # model FLOPs of the micro-steps / their time
     return {"train_step": f"{type(step).__module__}.{type(step).__qualname__}", "steps": args.steps,
             "warmup_steps": args.warmup, "optimizer_steps": engine.global_steps - first_optimizer_step,
@@ -399,7 +428,8 @@ def run_variant(model: SDXL, variant: str, args, batches: dict, device, use_gpu:
                 continue
             try:
                 rows.append({**head, **time_cell(step, batches[head["inputs"]], args, device,
-                                                 flops[head["inputs"]]["total"], peak_tflops)})
+                                                 flops[head["inputs"]]["total"], peak_tflops,
+                                                 f"{variant}_{head['inputs']}_b{args.batch_size}")})
                 print(json.dumps(rows[-1]), flush=True)
             except Exception as exc:
                 failure = describe(exc)
@@ -555,6 +585,8 @@ def parse_args(argv: list[str] | None):
                    help=f"no GPU: meta-device check, then the same code at toy size ({DRY_RUN['steps']} steps)")
     p.add_argument("--no-flops", action="store_true", help="--dry-run: skip the full-size meta FLOP count")
     p.add_argument("--json", default=None, help="also write the result here")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="torch.profiler over each cell's timed micro-steps: op tables to DIR/<cell>.txt")
     args = p.parse_args(argv)
     if min(args.batch_size, args.grad_accum, args.steps) < 1 or args.warmup < 0:
         p.error("--batch-size, --grad-accum and --steps must be >= 1, --warmup >= 0")

@@ -36,7 +36,7 @@ from raydiff import models, validation
 from raydiff.config import Config, DataSection, load_config
 from raydiff.data.demo import ensure_demo_dataset
 from raydiff.data.pipeline import Preprocessor, row_keys
-from raydiff.data.precompute import LATENT_COLUMN
+from raydiff.data.columns import LATENT_COLUMN
 from raydiff.train.deepspeed_setup import build_lr_scheduler, build_optimizer
 from raydiff.train.step import Conditioning, PlainEngine, TrainStep
 from raydiff.train.validator import val_loss_sums

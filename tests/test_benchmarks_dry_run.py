@@ -24,7 +24,7 @@ BENCHMARKS = ROOT / "benchmarks"
 SCRIPT = textwrap.dedent("""
     import contextlib, importlib.util, io, json, sys
     import raydiff.train.step as step_module
-    from raydiff.data.precompute import LATENT_COLUMN
+    from raydiff.data.columns import LATENT_COLUMN
 
     bench_dir, out_dir = sys.argv[1], sys.argv[2]
     calls, current, real_call = [], [None], step_module.TrainStep.__call__

@@ -100,3 +100,31 @@ def test_lone_zero0_engine_skips_the_gradient_all_reduce_and_steps_like_plain_to
     fused, allreduce, diff = line.split()[1], line.split()[3], float(line.split()[5])
     assert (fused, allreduce) == ("True", "False"), line
     assert diff < 1e-6, line
+
+
+class _Accelerator:
+    def __init__(self, name: str):
+        self.name = name
+
+    def device_name(self) -> str:
+        return self.name
+
+
+def test_shm_comm_op_is_marked_on_the_cpu_accelerator_only(monkeypatch):
+    """A CUDA accelerator's op table has no CPU shm comm op: marking it there failed every GPU engine build."""
+    import deepspeed.accelerator
+    import deepspeed.ops
+
+    from raydiff.train.deepspeed_setup import SHM_COMM_OP, skip_cpu_shm_comm_op
+
+    gpu_table = {"fused_adam": True}  # a CUDA accelerator's table: no deepspeed_shm_comm
+    monkeypatch.setattr(deepspeed.ops, "__compatible_ops__", gpu_table)
+    monkeypatch.setattr(deepspeed.accelerator, "get_accelerator", lambda: _Accelerator("cuda"))
+    skip_cpu_shm_comm_op()
+    assert gpu_table == {"fused_adam": True}
+
+    cpu_table = {SHM_COMM_OP: True}
+    monkeypatch.setattr(deepspeed.ops, "__compatible_ops__", cpu_table)
+    monkeypatch.setattr(deepspeed.accelerator, "get_accelerator", lambda: _Accelerator("cpu"))
+    skip_cpu_shm_comm_op()
+    assert cpu_table == {SHM_COMM_OP: False}

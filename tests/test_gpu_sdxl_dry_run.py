@@ -63,9 +63,11 @@ DRY_RUN_SCRIPT = textwrap.dedent("""
     spec = importlib.util.spec_from_file_location("gpu_sdxl", sys.argv[1])
     bench = sys.modules["gpu_sdxl"] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    bench.main(["--dry-run", "--no-flops", "--json", sys.argv[2]])
+    bench.main(["--dry-run", "--no-flops", "--json", sys.argv[2], "--profile", sys.argv[4]])
     with open(sys.argv[3], "w") as f:
         json.dump(calls, f)
+    # The GPU machine it is meant for may have no Ray: the step, engine and models must not need it.
+    assert "ray" not in sys.modules, "benchmarks/gpu_sdxl.py imported Ray"
 """)
 
 
@@ -73,18 +75,19 @@ DRY_RUN_SCRIPT = textwrap.dedent("""
 def dry_run(tiny_sdxl, tmp_path_factory):
     """(result, TrainStep calls) of `gpu_sdxl.py --dry-run`; the tiny model comes from the session's cache."""
     out = tmp_path_factory.mktemp("gpu_sdxl")
-    result_file, calls_file = out / "result.json", out / "calls.json"
+    result_file, calls_file, profiles = out / "result.json", out / "calls.json", out / "profiles"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE"):  # the benchmark's own group
         env.pop(key, None)
-    done = subprocess.run([sys.executable, "-c", DRY_RUN_SCRIPT, str(SCRIPT), str(result_file), str(calls_file)],
+    done = subprocess.run([sys.executable, "-c", DRY_RUN_SCRIPT, str(SCRIPT), str(result_file), str(calls_file),
+                           str(profiles)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(result_file.read_text()), json.loads(calls_file.read_text())
+    return json.loads(result_file.read_text()), json.loads(calls_file.read_text()), profiles
 
 
 def test_dry_run_times_raydiffs_train_step_on_a_deepspeed_engine(gpu_sdxl, dry_run):
-    result, calls = dry_run
+    result, calls, profiles = dry_run
     toy = result["toy"]
     assert (toy["precision"], toy["zero_stage"], toy["device"]) == ("bf16", 2, "cpu")
     rows = {(r["variant"], r["inputs"]): r for r in toy["variants"]}
@@ -111,6 +114,10 @@ def test_dry_run_times_raydiffs_train_step_on_a_deepspeed_engine(gpu_sdxl, dry_r
     reported = [x for r in toy["variants"] for x in r["losses"]]
     returned = [c["loss"] for i, c in enumerate(engine_calls) if i % (steps + warmup) >= warmup]
     assert reported == pytest.approx(returned, abs=1e-6)
+    # --profile: each cell's op table, where the micro-steps' time went (the UNet's convolutions among them)
+    tables = {p.name: p.read_text() for p in profiles.iterdir()}
+    assert sorted(tables) == sorted(f"{v}_{i}_b{toy['batch_size']}.txt" for v, i in rows)
+    assert all("sorted by self_cpu_time_total" in t and "aten::convolution" in t for t in tables.values())
     # The same init, data and noise with and without checkpointing: the same losses (recompute changes no maths).
     for kind in ("precomputed", "online"):
         assert rows[("gc", kind)]["losses"] == pytest.approx(rows[("eager", kind)]["losses"], rel=1e-3)

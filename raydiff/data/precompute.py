@@ -34,6 +34,7 @@ import ray
 
 from raydiff import storage, tokens
 from raydiff.data import stats
+from raydiff.data.columns import EMBED_COLUMNS, LATENT_COLUMN, TOKEN_COLUMNS
 from raydiff.data.pipeline import (
     FLIPPED_SUFFIX,
     KEY_COLUMN,
@@ -50,9 +51,6 @@ from raydiff.data.transforms import plan_crop, sample_rng
 
 logger = logging.getLogger(__name__)
 
-LATENT_COLUMN = "latent_moments"  # the VAE's latent distribution parameters, [2·C, h, w] per row
-EMBED_COLUMNS = ("prompt_embeds", "pooled")
-TOKEN_COLUMNS = ("input_ids", "input_ids_2")
 MANIFEST = "cache.json"  # written last: a cache directory without it is incomplete and ignored
 EMPTY_PROMPT = "empty_prompt.npz"
 ROW_INDEX = "row_index.json"  # per cache row group: file, group, first and last source row (from the footers)

@@ -54,6 +54,15 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
 SHM_COMM_OP = "deepspeed_shm_comm"
 
 
+def skip_cpu_shm_comm_op() -> None:
+    """Mark the CPU shm comm op unusable on DeepSpeed's CPU accelerator. Other accelerators (CUDA) have no such op in
+    their table: marking it there would fail the run at engine build (found on the first H200 run)."""
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        compat.disable_deepspeed_op(SHM_COMM_OP)
+
+
 def initialize_engine(**initialize_kwargs):
     """`deepspeed.initialize` without JIT-building the CPU shared-memory comm op.
 
@@ -63,7 +72,7 @@ def initialize_engine(**initialize_kwargs):
     """
     import deepspeed  # here: the driver imports this module for PRECISION_DTYPES and needs no DeepSpeed
 
-    compat.disable_deepspeed_op(SHM_COMM_OP)
+    skip_cpu_shm_comm_op()
     engine, optimizer, loader, scheduler = deepspeed.initialize(**initialize_kwargs)
     if engine.zero_optimization_stage() == 0 and engine.dp_world_size == 1:
         # Alone, a ZeRO-0 engine would still flatten every gradient into buckets and all-reduce them with itself

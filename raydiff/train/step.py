@@ -14,7 +14,7 @@ import torch
 
 from raydiff import models, objective
 from raydiff.config import Config, ObjectiveSection
-from raydiff.data.precompute import LATENT_COLUMN
+from raydiff.data.columns import LATENT_COLUMN
 from raydiff.train.deepspeed_setup import PRECISION_DTYPES
 
 
