@@ -237,6 +237,9 @@ class DataSection:
     buckets: list[str] = setting([], "Aspect-ratio buckets: [] square crops at data.resolution; [sdxl] the SDXL list "
                                  "scaled to data.resolution; or WIDTHxHEIGHT sizes, e.g. [1152x896, 896x1152].")
     demo_num_images: int = setting(320, "Images in the generated demo dataset (data.source unset).", gt=0)
+    record_rows: bool = setting(False, "Each rank writes the source rows and epochs it trains on at each step to "
+                                "<run>/rows/ at every checkpoint (raydiff.train.row_trace): an audit that each epoch "
+                                "reads every row once across restarts and resizes; ~20 bytes per row and epoch.")
     caption_dropout: float = setting(0.0, "Probability of training on the empty prompt (for classifier-free "
                                      "guidance).", ge=0, lt=1)
     precompute: Precompute = setting("none", "Frozen encoders in a Ray Data actor pool instead of the training step: "

@@ -5,6 +5,7 @@ step and resumes from exactly that step on the node left."""
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import os
@@ -21,6 +22,7 @@ import torch
 from raydiff import config as C
 from raydiff.train import elastic
 from raydiff.train.deepspeed_setup import build_lr_scheduler
+from raydiff.train.row_trace import read_lineage
 
 from exports import assert_export_matches_checkpoint, assert_generates
 
@@ -190,7 +192,7 @@ def test_elastic_run_grows_checkpoints_on_a_preemption_notice_and_resumes_from_t
                            "run.name=e", f"train.max_steps={steps}", "checkpoint.every_n_steps=5",
                            "validation.every_n_steps=1000", "validation.exposure_bias_denoising_steps=0",
                            "validation.prompts=[]", "logging.sample_prompts=[]", "data.demo_num_images=30",
-                           "data.val_max_samples=2", "scaling.resize_interval_s=1"],
+                           "data.val_max_samples=2", "scaling.resize_interval_s=1", "data.record_rows=true"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=850)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     out = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("[elastic] {"))[len("[elastic] "):])
@@ -203,8 +205,30 @@ def test_elastic_run_grows_checkpoints_on_a_preemption_notice_and_resumes_from_t
     worlds = [r["world_size"] for r in rows]
     assert [w for w, _ in itertools.groupby(worlds)] == [1, 2, 1] and worlds[jit] == 2 and worlds[jit + 1] == 1
     assert all(r["global_batch"] == 4 * r["world_size"] for r in rows)  # train.batch_size 4 per worker
+    assert_each_epoch_read_every_row_once(read_lineage(str(tmp_path / "e")), rows)
     final = sorted(p for p in (tmp_path / "e").glob("checkpoint_*") if p.is_dir())[-1]
     state = json.loads((final / "trainer_state.json").read_text())
     assert state["step"] == steps and state["samples_seen"] == sum(r["global_batch"] for r in rows[1:])
     assert_export_matches_checkpoint(str(tmp_path / "e" / "final"), str(final))
     assert_generates(str(tmp_path / "e" / "final"))
+
+
+def assert_each_epoch_read_every_row_once(lineage: dict, rows: list[dict]) -> None:
+    """The rows the final weights were trained on (data.record_rows), across the grow and the shrink: each step's
+    global batch, and every complete epoch reads each training row exactly once (the last, partial one: none
+    twice)."""
+    assert sorted(lineage) == [r["step"] for r in rows[1:]]
+    assert all(len(lineage[r["step"]]) == r["global_batch"] for r in rows[1:])
+    by_epoch = collections.defaultdict(list)
+    for seen in lineage.values():
+        for row, epoch in seen:
+            by_epoch[epoch].append(row)
+    epochs = sorted(by_epoch)
+    assert len(epochs) >= 3, epochs
+    train_rows = sorted(by_epoch[epochs[0]])
+    assert len(set(train_rows)) == len(train_rows) > 20  # 30 demo images, at most 2 held out
+    for epoch in epochs[1:-1]:
+        assert sorted(by_epoch[epoch]) == train_rows, f"epoch {epoch}"
+    last = by_epoch[epochs[-1]]
+    assert len(set(last)) == len(last) and set(last) <= set(train_rows)
+

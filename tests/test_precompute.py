@@ -60,7 +60,8 @@ def test_choose_epoch_variant_draws_the_online_flip_and_dropout():
     for epoch in (0, 1):
         out = choose_epoch_variant(batch, seed=SEED, epoch=epoch, random_flip=True, center_crop=False,
                                    caption_dropout=0.5, empty=empty)
-        assert sorted(out) == sorted(["time_ids", LATENT_COLUMN, "prompt_embeds", "pooled", ORDER_COLUMN])
+        # The source row stays (data.record_rows); the key and the unchosen flip variants go.
+        assert sorted(out) == sorted(["time_ids", LATENT_COLUMN, "prompt_embeds", "pooled", ORDER_COLUMN, "_row"])
         want_flip = [plan_crop(90, 50, R, False, True, sample_rng(SEED, epoch, int(k))).flipped for k in keys]
         assert 5 < sum(want_flip) < 35
         assert (out[LATENT_COLUMN][:, 0] == 1).tolist() == want_flip

@@ -66,7 +66,7 @@ def planned_batches(spec: DataSpec, tokenizer_path: str, manifest: Manifest, pos
 
     group = BUCKET_COLUMN if spec.buckets else None
     for batch, resume, emitted in rebatch(rows(), batch_size, group, pos.emitted[rank]):
-        epoch = int(batch.pop(EPOCH_COLUMN).max())
+        epoch = int(batch[EPOCH_COLUMN].max())  # the column stays: data.record_rows records each row's epoch
         yield batch, (resume, emitted), epoch
 
 

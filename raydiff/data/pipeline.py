@@ -292,7 +292,8 @@ class Preprocessor:
         kept_rows = np.asarray(rows, dtype=np.int64)
         if self.buckets:  # batches are regrouped by this column on the training workers (stream.rebatch)
             out[BUCKET_COLUMN] = np.asarray(buckets, dtype=np.int64)
-        for column in (ORDER_COLUMN, EPOCH_COLUMN):  # the stream's place and epoch of each kept row
+        # The stream's place, epoch and source row of each kept row (the row: data.record_rows and the cache).
+        for column in (ORDER_COLUMN, EPOCH_COLUMN, ROW_COLUMN):
             if column in batch.column_names:
                 out[column] = batch[column].to_numpy()[kept_rows]
         if self.identities:  # a cache row carries what the stream and the per-epoch draws need

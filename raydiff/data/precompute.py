@@ -158,7 +158,7 @@ def choose_epoch_variant(batch: dict[str, np.ndarray], *, seed: int, random_flip
                                  sample_rng(seed, int(e), int(key))).flipped
     out = {}
     for column in batch:
-        if column.endswith(FLIPPED_SUFFIX) or column in (KEY_COLUMN, ROW_COLUMN):
+        if column.endswith(FLIPPED_SUFFIX) or column == KEY_COLUMN:  # ROW_COLUMN stays: data.record_rows
             continue
         flipped = batch.get(column + FLIPPED_SUFFIX)
         out[column] = batch[column] if flipped is None else _pick(batch[column], flipped, flips)

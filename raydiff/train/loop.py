@@ -33,6 +33,7 @@ from raydiff.train.deepspeed_setup import (PRECISION_DTYPES, build_lr_scheduler,
 from raydiff.train.ema import ShardedEMA
 from raydiff.train.metrics_logger import MetricsLogger
 from raydiff.train.preemption import Notice, PreemptionWatch
+from raydiff.train.row_trace import RowTrace, group_attempt_id
 from raydiff.train.speed import apply_speed_settings, use_reserved_cpus
 from raydiff.train.step import TrainStep, step_generator
 from raydiff.train.validator import METRIC_PREFIXES, Validator
@@ -111,6 +112,7 @@ class Worker:
         self.state = TrainState()  # restore() replaces it with the checkpoint's
         self.stream = StreamPosition()  # this world's data position (restore)
         self.preemption = PreemptionWatch(self.rank) if cfg.checkpoint.on_preemption else None
+        self.rows = RowTrace(run_dir, self.rank, group_attempt_id()) if cfg.data.record_rows else None
 
     def restore(self) -> None:
         """Everything an unbroken run would have at this step (raydiff.train.checkpointer)."""
@@ -126,6 +128,8 @@ class Worker:
             self.report(self.metrics.baseline(self.validator.run(0), self.gamma_now()), with_checkpoint=False)
         micro = 0  # micro-steps run across epoch boundaries, like DeepSpeed's own count
         for batch, consumed, epoch in self.train_batches():
+            if self.rows is not None:
+                self.rows.add(self.state.step + 1, batch)
             self.metrics.add(*self.train_micro_step(batch, micro))
             micro = (micro + 1) % t.grad_accum
             if micro:
@@ -207,6 +211,8 @@ class Worker:
     def report(self, metrics: dict, with_checkpoint: bool, wait: bool = False) -> None:
         """Every rank reports (a barrier); with a checkpoint (raydiff.train.checkpointer), `wait`: until uploaded."""
         if with_checkpoint:
+            if self.rows is not None:
+                self.rows.flush(self.state.step)
             self.checkpointer.save(metrics, self.engine, self.ema, self.state, self.stream, wait=wait)
         else:
             ray.train.report(metrics)
