@@ -2,7 +2,8 @@
 cluster): an elastic run (`scaling.num_workers: [1, 2]`) on a head without CPUs and one worker node that holds one
 training worker (ray.cluster_utils.Cluster, one shared storage dir). Once a checkpoint at step GROW_AT or later is
 complete, a second node joins (the group grows to 2 workers); DRAIN_AFTER steps after the group trains at 2, that
-node is drained with a preemption reason and a deadline of DEADLINE_S seconds (`ray drain-node`, as the autoscaler
+node's spot watcher (raydiff.spot_watcher, polling a loopback stand-in of AWS's instance metadata) sees a reclaim
+scheduled DEADLINE_S seconds ahead and drains the node with a preemption reason (`ray drain-node`, as the autoscaler
 does before a spot reclaim); once the checkpoint raydiff announces for the notice is complete, the node is removed
 (the reclaim). The group restarts on the first node and finishes.
 
@@ -31,6 +32,8 @@ from raydiff import config as C
 from raydiff.train.checkpoint import STATE_FILE, IncompleteCheckpoint, check_complete
 from raydiff.train.driver import run_training
 from raydiff.train.metrics_log import read_metrics
+
+from fake_metadata import Metadata, iso, serving
 
 NODE_CPUS = 3  # one worker of scaling.cpus_per_worker=2, and a CPU for its data tasks
 JIT_LINE = re.compile(r"preemption notice: .* saving a checkpoint at step (\d+)")
@@ -95,16 +98,16 @@ def refresh_ray_view() -> None:
         print(f"[elastic] could not refresh the autoscaling coordinator ({err!r}); resizes come with its 20 s tick")
 
 
-def drain(address: str, node_id: str, deadline_s: int) -> None:
-    """What the autoscaler does before a spot node is reclaimed, through Ray's own CLI."""
-    ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
-    subprocess.run([ray_cli, "drain-node", "--address", address, "--node-id", node_id, "--reason",
-                    "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot reclaim (test)",
-                    "--deadline-remaining-seconds", str(deadline_s)], check=True, capture_output=True)
+def start_watcher(address: str, node_id: str, metadata_url: str) -> subprocess.Popen:
+    """The spot watcher a GPU node runs (raydiff.spot_watcher, AWS mode), here against a loopback metadata server:
+    on the reclaim notice it drains its node with `ray drain-node`, as the autoscaler does before a spot reclaim."""
+    return subprocess.Popen([sys.executable, "-m", "raydiff.spot_watcher", "--cloud", "aws", "--node-id", node_id,
+                             "--address", address, "--metadata-url", metadata_url, "--poll-s", "0.2",
+                             "--margin-s", "0"])
 
 
 def events(cluster: Cluster, cfg: C.Config, grow_at: int, drain_after: int, deadline_s: int, out: dict,
-           trainer: threading.Thread) -> None:
+           trainer: threading.Thread, metadata: Metadata) -> None:
     run_dir = C.run_dir(cfg)
     metrics = os.path.join(run_dir, "metrics.jsonl")
     # After a checkpoint at 1 worker: the grown group re-shards it (and steps at 1 worker stay in the run).
@@ -112,6 +115,7 @@ def events(cluster: Cluster, cfg: C.Config, grow_at: int, drain_after: int, dead
              trainer)
     out["grow_at_step"], out["added_at"] = max(r["step"] for r in rows(metrics)), time.time()
     node = cluster.add_node(num_cpus=NODE_CPUS)
+    watcher = start_watcher(cluster.address, node.node_id, metadata.url)
     refresh_ray_view()
 
     def at_2() -> list[dict]:
@@ -126,7 +130,9 @@ def events(cluster: Cluster, cfg: C.Config, grow_at: int, drain_after: int, dead
                          for r in rows(metrics)), f"{drain_after} steps at 2 workers", trainer)
     before = complete_checkpoints(run_dir)
     out["drain_at_step"], out["drained_at"] = max(r["step"] for r in rows(metrics)), time.time()
-    drain(cluster.address, node.node_id, deadline_s)
+    # The cloud schedules the reclaim (the instance-action AWS shows ~2 minutes ahead); the watcher drains the node.
+    metadata.set(action={"action": "terminate", "time": iso(time.time() + deadline_s + 1)})
+    out["watcher_exit"] = watcher.wait(timeout=60)
     out["jit_step"] = jit = wait_for(lambda: sys.stdout.jit_step, "the preemption notice", trainer)
     (out["jit_checkpoint"],) = wait_for(lambda: [p for p, s in complete_checkpoints(run_dir).items()
                                                  if s == jit and p not in before], f"the checkpoint at {jit}", trainer)
@@ -138,8 +144,9 @@ def events(cluster: Cluster, cfg: C.Config, grow_at: int, drain_after: int, dead
     out["steps_at_removal"] = max(r["step"] for r in rows(metrics))  # none trained past the checkpoint: 0 lost
     wait_for(lambda: not any(n["NodeID"] == node.node_id and n["Alive"] for n in ray.nodes()), "the node's death",
              trainer)
-    # Ray marks a killed node dead after ~16 s of missed health checks: a group start at the deadline before that
-    # still counts its CPUs and waits RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S; the next start sees one node.
+    # Ray marks a killed node dead after missed health checks (~16 s): a group
+    # start at the deadline before that still counts its CPUs and waits RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S; the
+    # next start sees one node.
     refresh_ray_view()
 
 
@@ -165,7 +172,8 @@ def main() -> None:
     trainer = threading.Thread(target=train, daemon=True)
     trainer.start()
     try:
-        events(cluster, cfg, grow_at, drain_after, deadline_s, out, trainer)
+        with serving() as metadata:  # the cloud's instance metadata, which the grown node's spot watcher polls
+            events(cluster, cfg, grow_at, drain_after, deadline_s, out, trainer, metadata)
         trainer.join()
         print(f"[elastic] {json.dumps(out)}", flush=True)
         if "error" in out:

@@ -9,6 +9,7 @@ import collections
 import itertools
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -176,7 +177,8 @@ def test_ranks_agree_on_the_step_once_per_drained_node_and_on_whether_it_fits():
 def test_elastic_run_grows_checkpoints_on_a_preemption_notice_and_resumes_from_that_step(tmp_path):
     """An elastic run ([1, 2] workers, run.max_failures 0) on a head and one worker node (tests/elastic_run.py, in its
     own process): once the step-5 checkpoint is written a second node joins and the group grows to 2 workers (the
-    checkpoint re-sharded); after 2 steps at 2 workers that node is drained with a preemption reason (`ray drain-node`):
+    checkpoint re-sharded); after 2 steps at 2 workers the cloud schedules that node's reclaim and its spot watcher
+    (raydiff.spot_watcher) drains it with a preemption reason (`ray drain-node`):
     every rank checkpoints at the step boundary where the notice reaches them and trains no further; the node is
     removed (killed, as the autoscaler does), and the group resumes on 1 worker from exactly that step, without using
     up run.max_failures. Every step is in metrics.jsonl once, with
@@ -198,6 +200,8 @@ def test_elastic_run_grows_checkpoints_on_a_preemption_notice_and_resumes_from_t
     out = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("[elastic] {"))[len("[elastic] "):])
     rows = [json.loads(x) for x in (tmp_path / "e" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(steps + 1))  # every step once: none lost, none repeated
+    assert out["watcher_exit"] == 0  # the node's spot watcher drained it once, with the notice's deadline:
+    assert 8 <= int(re.search(r"being drained, deadline in (\d+) s", proc.stdout)[1]) <= 12
     jit = out["jit_step"]
     assert out["drain_at_step"] < jit < steps  # at a step boundary after the notice
     assert out["steps_at_removal"] == jit  # no step trained past it: none lost at the restart

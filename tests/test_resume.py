@@ -20,7 +20,7 @@ from raydiff import config as C
 from raydiff.train.driver import RunOutputs, run_training
 from raydiff.train.metrics_log import read_metrics
 
-from exports import assert_export_matches_checkpoint, assert_generates
+from exports import assert_export_matches_checkpoint, assert_generates, checkpoint_fp32_weights
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parent.parent
@@ -116,7 +116,7 @@ def driver_command(storage, name: str) -> list[str]:
 
 
 @pytest.mark.timeout(2400)
-def test_driver_kill_relaunch_torn_checkpoint_and_shrunk_world(unbroken, ray_local, tmp_path, capfd):
+def test_driver_kill_relaunch_then_torn_checkpoint_on_a_shrunk_world(unbroken, ray_local, tmp_path, capfd):
     base_unet, base_losses = unbroken(2).unet, unbroken(2).losses
     run_dir = str(tmp_path / "d")
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
@@ -139,30 +139,30 @@ def test_driver_kill_relaunch_torn_checkpoint_and_shrunk_world(unbroken, ray_loc
     assert_same_weights(final_unet(run_dir), base_unet)
     assert losses(run_dir) == base_losses
 
-    # 2. The newest checkpoint is torn (a shard cut short): the previous complete one is used, with a warning.
+    # 2. The newest checkpoint is torn (a shard cut short) and the run goes on with 1 worker instead of 2 for two
+    #    more steps: the previous complete checkpoint is used, with a warning, re-sharded once (DeepSpeed universal
+    #    format) with every weight exact, and training goes on from it. (Part 1 showed that resuming from that
+    #    checkpoint on the same layout ends exactly like the unbroken run.)
     checkpoints = sorted(p for p in glob.glob(os.path.join(run_dir, "checkpoint_*")) if os.path.isdir(p))
     assert len(checkpoints) == 2  # checkpoint.keep
     shard = sorted(glob.glob(os.path.join(checkpoints[-1], "deepspeed", "*optim_states.pt")))[-1]
     with open(shard, "r+b") as f:
         f.truncate(os.path.getsize(shard) // 2)
-    cfg = C.load_config("tiny_cpu", overrides(tmp_path, "d", 2))
-    run_training(cfg)
+    longer = C.load_config("tiny_cpu", overrides(tmp_path, "d", 2, "scaling.num_workers=1", "checkpoint.keep=4",
+                                                 f"train.max_steps={STEPS + 2}"))
+    run_training(longer)  # keep=4: the step-2 checkpoint and its conversion stay for the checks below
     out = capfd.readouterr().out
     assert f"checkpoint {checkpoints[-1]} is incomplete" in out and os.path.basename(shard) in out
     assert f"resumed from {checkpoints[0]} at step 2" in out
-    assert_same_weights(final_unet(run_dir), base_unet)
-
-    # 3. Resume on 1 worker instead of 2 and train on: the checkpoint is re-sharded once (DeepSpeed universal format)
-    #    with every weight exact, and training goes on from it.
-    longer = C.load_config("tiny_cpu", overrides(tmp_path, "d", 2, "scaling.num_workers=1",
-                                                 f"train.max_steps={STEPS + 2}"))
-    run_training(longer)
-    assert "resuming on 1: converting it" in capfd.readouterr().out
+    assert "resuming on 1: converting it" in out
     (universal,) = glob.glob(os.path.join(run_dir, "checkpoint_*", "universal", "deepspeed", "zero"))
+    assert universal.startswith(checkpoints[0])
+    step2 = checkpoint_fp32_weights(checkpoints[0])  # DeepSpeed's own consolidation of the same shards
     assert_same_weights({k: torch.load(os.path.join(universal, k, "fp32.pt"), weights_only=False)["param"]
-                         for k in base_unet}, base_unet)
+                         for k in step2}, step2)
     rows = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
-    assert [r["step"] for r in rows if r["step"] > STEPS] == [STEPS + 1, STEPS + 2]
+    assert [r["step"] for r in rows] == list(range(STEPS + 3))  # cut back to step 2, then 3..6 once
+    assert [r["world_size"] for r in rows if r["step"] > 2] == [1, 1, 1, 1]
     assert any((final_unet(run_dir)[k] != base_unet[k]).any() for k in base_unet)  # it trained past the checkpoint
 
 
