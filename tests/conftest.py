@@ -21,6 +21,26 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.integration)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    """The fast lane runs beside the integration lane's clusters (scripts/test.sh): a test that starts Ray without
+    being marked `integration` would put a second cluster on the machine, and two break each other."""
+    before = _ray_initialized()  # a whole-suite run in one process: the session's cluster may be up already
+    yield
+    if item.get_closest_marker("integration") is None and not before and _ray_initialized():
+        import ray
+
+        ray.shutdown()
+        pytest.fail(f"{item.nodeid} started Ray: mark it integration (docs/testing.md)")
+
+
+def _ray_initialized() -> bool:
+    import sys
+
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def raydiff_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
     """Point ``$RAYDIFF_CACHE`` at a session tmp dir so no test writes into ``~/.cache/raydiff``."""
