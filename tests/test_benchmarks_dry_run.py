@@ -52,7 +52,34 @@ SCRIPT = textwrap.dedent("""
     text = printed.getvalue()
     with open(f"{out_dir}/data_throughput.json", "w") as f:
         f.write(text[text.index('{\\n  "machine"'):])
-    load("ip_effect").main(["--dry-run", "--out", f"{out_dir}/ip_effect.json"])
+    ip, ip_out = load("ip_effect"), f"{out_dir}/ip_effect.json"
+    ip_args = ["--dry-run", "--out", ip_out, "--work-dir", f"{out_dir}/ip_partial"]
+    ip.main(ip_args)
+    with open(ip_out) as f:  # resume after losing the last run: only that run trains again
+        first = json.load(f)
+    with open(ip_out, "w") as f:
+        json.dump({**first, "runs": first["runs"][:-1]}, f)
+    current[0], real_point = "ip_effect_resume", ip.curve_point
+
+    def killed_at_step_2(step, *rest):  # and that run dies once mid-way, then continues from its saved state
+        if step == 2:
+            ip.curve_point = real_point
+            raise KeyboardInterrupt
+        return real_point(step, *rest)
+
+    ip.curve_point = killed_at_step_2
+    try:
+        ip.main(ip_args)
+    except KeyboardInterrupt:
+        pass
+    ip.main(ip_args)
+    with open(ip_out) as f:
+        resumed = json.load(f)
+    ip.main(["--report", "--out", ip_out, "--png", f"{out_dir}/ip_effect.png"])
+    with open(ip_out, "w") as f:
+        json.dump(first, f)
+    with open(f"{out_dir}/ip_effect_resume.json", "w") as f:
+        json.dump({**resumed, "png_bytes": len(open(f"{out_dir}/ip_effect.png", "rb").read())}, f)
     with open(f"{out_dir}/calls.json", "w") as f:
         json.dump(calls, f)
 """)
@@ -68,7 +95,7 @@ def dry_runs(tiny_sdxl, tmp_path_factory):
     done = subprocess.run([sys.executable, "-c", SCRIPT, str(BENCHMARKS), str(out)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
-    names = ("train_throughput", "data_throughput", "ip_effect")
+    names = ("train_throughput", "data_throughput", "ip_effect", "ip_effect_resume")
     results = {name: json.loads((out / f"{name}.json").read_text()) for name in names}
     calls = json.loads((out / "calls.json").read_text())
     return results, {name: [c for c in calls if c["bench"] == name] for name in names}
@@ -125,24 +152,74 @@ def test_ip_effect_trains_with_train_step_under_each_objective_setting(dry_runs)
     results, calls = dry_runs
     result, calls = results["ip_effect"], calls["ip_effect"]
     bench = _load("ip_effect")
-    steps = bench.DRY_RUN["steps"]
-    assert result["args"]["steps"] == steps and [r["config"] for r in result["runs"]] == list(bench.CONFIGS)
-    for run in result["runs"]:
-        metrics = [run["val_loss"], run["exposure_bias"], run["fid_latent"]]
-        assert _finite(metrics) and all(k in run for k in ("val_loss_t0_249", "val_loss_t750_999"))
-    assert len(calls) == steps * len(bench.CONFIGS)
+    dry = bench.DRY_RUN
+    plan = [(d, s, 0) for d in bench.DATASETS for s in bench.SETTINGS]
+    assert [(r["dataset"], r["setting"], r["seed"]) for r in result["runs"]] == plan
+    assert all(result["args"][k] == v for k, v in dry.items() if k in bench.RUN_KEYS)
     assert {c["engine"] for c in calls} == {"PlainEngine"} and all(c["precomputed"] for c in calls)
-    # Each setting's objective section reaches the step: its gamma at each step.
-    for i, (gamma, schedule) in enumerate(bench.CONFIGS.values()):
-        run = calls[i * steps:(i + 1) * steps]
-        assert [c["step"] for c in run] == list(range(steps)) and _finite([c["loss"] for c in run])
-        used = [c["gamma"] for c in run]
+    assert len(calls) == sum(r["steps"] for r in result["runs"])
+    offset = 0
+    for run in result["runs"]:
+        # Every run of a dataset trains the step count its reference run's plateau rule chose.
+        ref = next(r for r in result["runs"] if (r["dataset"], r["setting"]) == (run["dataset"], bench.REFERENCE))
+        steps = run["steps"]
+        assert steps == ref["steps"] and dry["min_steps"] <= steps <= dry["max_steps"]
+        assert [p["step"] for p in run["curve"]] == list(range(steps + 1))
+        assert _finite([p[k] for p in run["curve"] for k in ("val_loss", "exposure_bias")])
+        # The curve's last point is the EMA model the final metrics measure.
+        assert run["curve"][-1]["val_loss"] == pytest.approx(run["val_loss"])
+        _check_final_metrics(bench, run, dry)
+        # Each setting's objective section reaches the step: its gamma at each of the run's steps.
+        gamma, schedule = bench.SETTINGS[run["setting"]]
+        used = calls[offset:offset + steps]
+        offset += steps
+        assert [c["step"] for c in used] == list(range(steps)) and _finite([c["loss"] for c in used])
+        gammas = [c["gamma"] for c in used]
         if schedule == "constant":
-            assert used == [gamma] * steps
+            assert gammas == [gamma] * steps
         elif schedule == "linear_decay":
-            assert used == pytest.approx([gamma * (1 - s / steps) for s in range(steps)])
+            assert gammas == pytest.approx([gamma * (1 - s / steps) for s in range(steps)])
         else:
-            assert all(0 <= g <= gamma for g in used) and len(set(used)) == steps
+            assert all(0 <= g <= gamma for g in gammas) and len(set(gammas)) == steps
+
+
+def _check_final_metrics(bench, run: dict, dry: dict) -> None:
+    families = ["exposure_bias", "fd_pixel"] + (["fd_clf", "clf_acc"] if run["dataset"] == "digits" else [])
+    for n in dry["sampler_steps"]:
+        for lam in bench.EPS_SCALES:
+            key = f"n{n}_lam{lam:g}"
+            assert _finite([run[f"{f}_{key}"] for f in families] + run[f"deltas_{key}"] + [run["val_loss"]])
+            assert len(run[f"deltas_{key}"]) == n and run[f"fd_pixel_{key}"] > 0
+    if run["dataset"] == "digits":
+        assert 0 <= run[f"clf_acc_n{n}_lam1"] <= 1 and 0 < run["classifier_held_out_accuracy"] <= 1
+    else:
+        assert "fd_clf_n2_lam1" not in run
+
+
+def test_ip_effect_resumes_a_results_file_and_reports_it(dry_runs):
+    results, calls = dry_runs
+    first, resumed = results["ip_effect"], results["ip_effect_resume"]
+    # The rerun found every run but the removed last one finished: it trained that one alone, as before, and when
+    # killed after step 1 it continued from the state saved at step 1 (weights, optimizer, EMA, generator).
+    lost = first["runs"][-1]
+    steps = [c["step"] for c in calls["ip_effect_resume"]]
+    assert steps == [0, 1] + list(range(1, lost["steps"])) and resumed["runs"][:-1] == first["runs"][:-1]
+    again = resumed["runs"][-1]
+    assert (again["dataset"], again["setting"], again["seed"], again["steps"]) == \
+        (lost["dataset"], lost["setting"], lost["seed"], lost["steps"])
+    points = [[p[k] for p in run["curve"] for k in ("step", "val_loss", "exposure_bias")] for run in (again, lost)]
+    assert points[0] == pytest.approx(points[1]) and again["val_loss"] == pytest.approx(lost["val_loss"])
+    assert resumed["png_bytes"] > 1000  # --report drew the curves
+
+
+def test_ip_effect_plateau_rule():
+    flattened = _load("ip_effect").flattened
+    falling = [(s, 1.0 / (1 + s)) for s in range(0, 11)]
+    level = [(s, 1.0 if s < 5 else 0.999) for s in range(0, 11)]
+    assert not flattened(falling, min_steps=4, window=3, tol=0.005)  # still improving by > 0.5 %
+    assert flattened(level, min_steps=4, window=3, tol=0.005)  # 0.1 % better in the last 3 steps
+    assert not flattened(level[:4], min_steps=4, window=3, tol=0.005)  # before min_steps: never
+    assert flattened([(s, 1.0 + s / 100) for s in range(0, 11)], min_steps=4, window=3, tol=0.005)  # overfitting
 
 
 def _finite(values) -> bool:

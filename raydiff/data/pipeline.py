@@ -58,6 +58,7 @@ logger = logging.getLogger(__name__)
 
 OUTPUT_COLUMNS = ("pixels", "input_ids", "input_ids_2", "time_ids")
 KEY_COLUMN = "_key"  # crc32 sample key (int64)
+STREAM_COLUMNS = (ORDER_COLUMN, EPOCH_COLUMN, ROW_COLUMN)  # a row's place in the training stream: not model inputs
 FLIPPED_SUFFIX = "_flipped"  # a cache row's columns for the mirrored crop
 PREPROCESS_TASKS = 2  # concurrent preprocessing tasks per training worker's stream (and per split)
 MAX_LOGGED_SKIPS = 5  # per preprocessing process and settings; every skip is counted, only the first few are logged
@@ -372,7 +373,7 @@ def build_datasets(spec: DataSpec, tokenizer_path: str, epoch: int = 0,
                                                  ("val", manifest.val_rows, _held_out_spec(spec), 0)):
         ds = chunk_dataset(manifest, unit_chunks(manifest, rows, split_epoch), spec.stats_actor)
         out[split] = _preprocessed(ds, manifest, split_spec, tokenizer_path, split_epoch).drop_columns(
-            [ORDER_COLUMN, EPOCH_COLUMN])
+            list(STREAM_COLUMNS))
     out["val"].context.execution_options.preserve_order = True
     return out
 
@@ -393,7 +394,7 @@ def held_out_rows(spec: DataSpec, tokenizer_path: str, manifest: Manifest) -> li
         table = read_chunk(items, manifest=manifest, stats_actor=spec.stats_actor)
         for start in range(0, table.num_rows, spec.batch_size):
             batch = _preprocess(table.slice(start, spec.batch_size), tokenizer_path=tokenizer_path, settings=settings)
-            kept = {k: v for k, v in batch.items() if k not in (ORDER_COLUMN, EPOCH_COLUMN)}
+            kept = {k: v for k, v in batch.items() if k not in STREAM_COLUMNS}
             rows += [{k: v[i] for k, v in kept.items()} for i in range(len(next(iter(kept.values()), [])))]
     return rows
 
