@@ -98,6 +98,16 @@ def refresh_ray_view() -> None:
         print(f"[elastic] could not refresh the autoscaling coordinator ({err!r}); resizes come with its 20 s tick")
 
 
+def registered(run_dir: str, checkpoint: str) -> bool:
+    """Whether the Train controller has recorded the checkpoint (its snapshot on the storage names it)."""
+    snapshot = os.path.join(run_dir, "checkpoint_manager_snapshot.json")
+    try:
+        with open(snapshot) as f:
+            return os.path.basename(checkpoint) in f.read()
+    except OSError:
+        return False
+
+
 def start_watcher(address: str, node_id: str, metadata_url: str) -> subprocess.Popen:
     """The spot watcher a GPU node runs (raydiff.spot_watcher, AWS mode), here against a loopback metadata server:
     on the reclaim notice it drains its node with `ray drain-node`, as the autoscaler does before a spot reclaim."""
@@ -137,6 +147,12 @@ def events(cluster: Cluster, cfg: C.Config, grow_at: int, drain_after: int, dead
     (out["jit_checkpoint"],) = wait_for(lambda: [p for p, s in complete_checkpoints(run_dir).items()
                                                  if s == jit and p not in before], f"the checkpoint at {jit}", trainer)
     out["jit_durable_at"] = time.time()
+    # The node goes at the deadline; here it is removed as soon as Ray Train's controller has registered the
+    # checkpoint (what a restart restores from), or at the deadline if it never does: removing it when the files
+    # are complete but not yet registered would restart from the previous checkpoint (seen under load).
+    ends = out["drained_at"] + deadline_s
+    wait_for(lambda: registered(run_dir, out["jit_checkpoint"]) or time.time() >= ends, "the deadline", trainer)
+    out["jit_registered"] = registered(run_dir, out["jit_checkpoint"])
     # Killed, as the autoscaler's termination of a drained node: Ray records the death as a preemption (the drain's
     # reason). A node whose processes get SIGTERM is recorded as shut down on purpose, and the restart is then counted
     # against run.max_failures (docs/reliability.md).

@@ -204,6 +204,7 @@ def test_elastic_run_grows_checkpoints_on_a_preemption_notice_and_resumes_from_t
     assert 8 <= int(re.search(r"being drained, deadline in (\d+) s", proc.stdout)[1]) <= 12
     jit = out["jit_step"]
     assert out["drain_at_step"] < jit < steps  # at a step boundary after the notice
+    assert out["jit_registered"]  # Ray Train recorded it before the deadline
     assert out["steps_at_removal"] == jit  # no step trained past it: none lost at the restart
     assert f"resumed from {out['jit_checkpoint']} at step {jit}" in proc.stdout
     worlds = [r["world_size"] for r in rows]
