@@ -41,13 +41,19 @@ sys.path.insert(0, ROOT)
 LAYOUTS = {
     # The tiny config's worker shape, one worker holding the whole batch: online encoding, ZeRO-2.
     "default": ["scaling.num_workers=1", "scaling.cpus_per_worker=0.5", "deepspeed.zero_stage=2"],
-    # The best for one 2-core machine: one worker owning both cores (two torch threads), ZeRO-0 (ZeRO partitions
-    # nothing with one worker and its hooks cost per tensor), the latents and embeddings encoded once into a cache,
-    # and a Ray report (a barrier through an actor, tens of ms here) every 100 steps: TensorBoard gets fewer points
-    # between validations. A metrics.jsonl row every step, a console line every 2 s (the defaults): measured side by
-    # side, as fast as a row and a line every 10 steps.
-    "best": ["scaling.num_workers=1", "scaling.cpus_per_worker=2", "deepspeed.zero_stage=0",
+    # The best for one 2-core machine: one worker on one core (one torch thread) leaving the other to Ray's processes
+    # and the data stream (the tiny UNet's step is bound by per-op dispatch: a second intra-op thread barely shortens
+    # it, and on two shared cores it waits at every parallel region for a core a Ray process holds; measured side by
+    # side with `best_2cpu`), ZeRO-0 (ZeRO partitions nothing with one worker and its hooks cost per tensor), the
+    # latents and embeddings encoded once into a cache, and a Ray report (a barrier through an actor, tens of ms
+    # here) every 100 steps: TensorBoard gets fewer points between validations. A metrics.jsonl row every step, a
+    # console line every 2 s (the defaults).
+    "best": ["scaling.num_workers=1", "scaling.cpus_per_worker=1", "deepspeed.zero_stage=0",
              "data.precompute=latents", "data.cache_dir={workdir}/raydiff-cache", "train.report_every_n_steps=100"],
+    # `best` with both cores for the worker (two torch threads): the best layout until 2026-12-04.
+    "best_2cpu": ["scaling.num_workers=1", "scaling.cpus_per_worker=2", "deepspeed.zero_stage=0",
+                  "data.precompute=latents", "data.cache_dir={workdir}/raydiff-cache",
+                  "train.report_every_n_steps=100"],
     # Two workers of one core each (data parallel on one machine), online encoding.
     "two_workers": ["scaling.num_workers=2", "scaling.cpus_per_worker=1", "train.batch_size={half_batch}",
                     "deepspeed.zero_stage=2"],
@@ -65,6 +71,34 @@ sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
+# The floor: the same UNet (loaded from the shared pipeline directory), the same batch shapes, forward + MSE + backward
+# + clip + AdamW (torch's fused CPU kernel, as raydiff uses) in a bare loop on fixed random tensors: no data, no
+# noise schedule, no logging. What no trainer of this model and batch can undercut on this machine.
+FLOOR_SCRIPT = """\
+import json, os, sys, time
+import torch
+from diffusers import UNet2DConditionModel
+model, steps, batch, latent, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet").train()
+c = unet.config
+text_embeds = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+x = torch.randn(batch, c.in_channels, latent, latent)
+cond = dict(encoder_hidden_states=torch.randn(batch, 77, c.cross_attention_dim),
+            added_cond_kwargs={"text_embeds": torch.randn(batch, text_embeds), "time_ids": torch.randn(batch, 6)})
+opt = torch.optim.AdamW(unet.parameters(), lr=1e-4, fused=True)
+times = []
+for _ in range(steps):
+    t = torch.randint(0, 1000, (batch,))
+    loss = torch.nn.functional.mse_loss(unet(x, t, **cond).sample, x)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    times.append(time.time())
+json.dump(times, open(out, "w"))
+"""
+FLOOR = "floor"
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -80,6 +114,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--layouts", nargs="+", default=["default", BEST], choices=sorted(LAYOUTS))
     p.add_argument("--skip-peer", action="store_true", help="raydiff's layouts only (no ratio)")
+    p.add_argument("--floor", action="store_true",
+                   help="also run the floor: the bare UNet step in a loop (FLOOR_SCRIPT), in this Python")
+    p.add_argument("--peer-threads", type=int, default=None,
+                   help="a control: run the peer with OMP_NUM_THREADS/MKL_NUM_THREADS set to this (default: unset, "
+                        "torch's own choice: one thread per core)")
     p.add_argument("--dry-run", action="store_true", help="4 steps of each trainer, nothing timed")
     p.add_argument("--json", default=None, help="write every run's numbers here")
     return p.parse_args(argv)
@@ -170,11 +209,26 @@ def run_peer(args, model: str, data: str, workdir: str, tag: str) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     times_file = os.path.join(workdir, f"peer-{tag}-steps.json")
     env = {**os.environ, "PEER_STEP_TIMES": times_file, "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_CACHE": os.path.join(workdir, "hf-datasets")}
+           "HF_DATASETS_CACHE": os.path.join(workdir, "hf-datasets"), **peer_thread_env(args)}
     start, wall = run_timed(peer_command(args, model, data, out), env, os.path.join(workdir, f"peer-{tag}.log"))
     with open(times_file) as f:
         times = json.load(f)
     return {"wall_s": wall, **rates({i + 1: t for i, t in enumerate(times)}, start, args.steady_from, args.batch_size)}
+
+
+def run_floor(args, model: str, workdir: str, tag: str) -> dict:
+    times_file = os.path.join(workdir, f"floor-{tag}-steps.json")
+    latent = args.resolution // 8  # the VAE's downsampling
+    cmd = [sys.executable, "-c", FLOOR_SCRIPT, model, str(args.steps), str(args.batch_size), str(latent), times_file]
+    start, wall = run_timed(cmd, {**os.environ, "HF_HUB_OFFLINE": "1"}, os.path.join(workdir, f"floor-{tag}.log"))
+    with open(times_file) as f:
+        times = json.load(f)
+    return {"wall_s": wall, **rates({i + 1: t for i, t in enumerate(times)}, start, args.steady_from, args.batch_size)}
+
+
+def peer_thread_env(args) -> dict:
+    n = args.peer_threads
+    return {} if n is None else {"OMP_NUM_THREADS": str(n), "MKL_NUM_THREADS": str(n)}
 
 
 def run_raydiff(args, model: str, data: str, workdir: str, layout: str, tag: str) -> dict:
@@ -197,7 +251,8 @@ def run_raydiff(args, model: str, data: str, workdir: str, layout: str, tag: str
 
 
 def trainers(args) -> list[str]:
-    return ([] if args.skip_peer else ["diffusers"]) + [f"raydiff:{layout}" for layout in args.layouts]
+    return (([] if args.skip_peer else ["diffusers"]) + ([FLOOR] if args.floor else [])
+            + [f"raydiff:{layout}" for layout in args.layouts])
 
 
 def main(argv=None) -> int:
@@ -216,6 +271,7 @@ def main(argv=None) -> int:
         for n in order:
             tag = f"r{r}"
             res = (run_peer(args, model, data, workdir, tag) if n == "diffusers"
+                   else run_floor(args, model, workdir, tag) if n == FLOOR
                    else run_raydiff(args, model, data, workdir, n.split(":", 1)[1], tag))
             results[n].append(res)
             print(f"round {r} {n}: {json.dumps({k: round(v, 3) for k, v in res.items()})}", flush=True)
@@ -235,6 +291,11 @@ def report(args, results: dict[str, list[dict]]) -> dict:
         print(f"{n:<22}{s['steady_samples_per_s']:>18.2f}{s['median_step_s']:>15.3f}{s['startup_s']:>12.1f}"
               f"{s['wall_s']:>10.1f}")
     best = f"raydiff:{BEST}"
+    for n in (n for n in summary if n != "diffusers"):  # per round: the machine's drift is shared within a round
+        for ref in (r for r in ("diffusers", FLOOR) if r in summary and r != n):
+            per_round = [a["steady_samples_per_s"] / b["steady_samples_per_s"]
+                         for a, b in zip(results[n], results[ref])]
+            print(f"steady {n}/{ref} per round: {', '.join(f'{x:.2f}' for x in per_round)}")
     if "diffusers" in summary and best in summary:
         peer, ours = summary["diffusers"], summary[best]
         print(f"wall raydiff/diffusers = {ours['wall_s'] / peer['wall_s']:.2f} (lower is better)")

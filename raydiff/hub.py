@@ -98,6 +98,13 @@ def model_ref(name: str, revision: str | None = None) -> str:
     return f"{name}@{revision}" if revision and HUB_ID.match(name) else name
 
 
+def zeros_for_empty_prompt(pretrained: str, revision: str | None = None) -> bool:
+    """Whether the model's pipeline samples an empty negative prompt as zeros (SDXL base: yes): its
+    ``model_index.json`` (what diffusers' ``load_config`` of the pipeline reads), without importing diffusers."""
+    with open(os.path.join(local_pretrained(pretrained, revision, parts=()), "model_index.json")) as f:
+        return bool(json.load(f).get("force_zeros_for_empty_prompt", True))
+
+
 def parse_ref(ref: str) -> tuple[str, str | None]:
     name, sep, revision = ref.partition("@")
     if sep and not os.path.exists(ref) and HUB_ID.match(name):

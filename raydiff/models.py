@@ -29,7 +29,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from raydiff import hub
 from raydiff.compat import diffusers_dtype_kwarg
-from raydiff.hub import TINY, TINY_VERSION, default_cache_dir, local_pretrained, model_ref
+from raydiff.hub import TINY, TINY_VERSION, default_cache_dir, local_pretrained, model_ref, zeros_for_empty_prompt
 from raydiff.tokens import load_tokenizers, tokenize  # models' callers get the one tokenizer path from here too
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -403,12 +403,6 @@ def encode_prompt(
         keep = (ids_2[:, 1] != ids_2.max(dim=1).values).to(prompt_embeds.dtype)
         prompt_embeds, pooled = prompt_embeds * keep[:, None, None], pooled * keep[:, None]
     return prompt_embeds, pooled
-
-
-def zeros_for_empty_prompt(pretrained: str, revision: str | None = None) -> bool:
-    """Whether the model's pipeline samples an empty negative prompt as zeros (SDXL base: yes)."""
-    config = StableDiffusionXLPipeline.load_config(local_pretrained(pretrained, revision, parts=()))
-    return bool(config.get("force_zeros_for_empty_prompt", True))
 
 
 def latent_moments(vae: AutoencoderKL, pixels: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,9 @@ DEFERRED = {
         "torch and diffusers in the encoder actors only: Ray Data's cache-read tasks import precompute",
     ("raydiff.hub", "raydiff.models"):
         "building the tiny model needs torch and diffusers; hub stays light for Ray Data preprocessing tasks",
+    ("raydiff.train.summary", "raydiff.generate"):
+        "diffusers for the end-of-run sample grid only: the driver imports summary, seconds of every run's start-up",
+    ("raydiff.train.summary", "raydiff.validation"): "image_grid, beside generate",
 }
 
 HEAVY = {"torch", "diffusers", "transformers", "deepspeed"}
@@ -36,6 +39,9 @@ LIGHT = {
     "raydiff.data.precompute": HEAVY,  # Ray Data cache-read tasks
     "raydiff.train.entry": {"ray", *HEAVY},  # the Train controller
     "raydiff.train.tracking": HEAVY,  # the Train controller (RunTracker)
+    # The driver: torch comes with Ray Train's TorchTrainer; diffusers and transformers cost seconds of every run's
+    # start-up (and of every Tune driver's) and the driver builds no model (unless it builds the tiny one once).
+    "raydiff.train.driver": {"diffusers", "transformers", "deepspeed"},
 }
 
 

@@ -44,3 +44,13 @@ def test_rates_from_every_step_and_from_every_tenth():
     for r in (dense, sparse):
         assert r["steady_samples_per_s"] == pytest.approx(8.0) and r["median_step_s"] == pytest.approx(0.5)
         assert r["startup_s"] == pytest.approx(10.5) and r["steps"] == 100
+
+
+def test_floor_trains_the_pipelines_unet_in_a_bare_loop_and_times_every_step(tmp_path):
+    model, _ = bench.prepare_inputs(str(tmp_path), images=2)
+    args = bench.parse_args(["--skip-peer", "--floor", "--steps", "4", "--steady-from", "1", "--batch-size", "2"])
+    assert bench.trainers(args) == [bench.FLOOR, "raydiff:default", "raydiff:best"]
+    res = bench.run_floor(args, model, str(tmp_path), "r0")
+    times = json.loads(Path(tmp_path, "floor-r0-steps.json").read_text())
+    assert len(times) == 4 and times == sorted(times)
+    assert res["steps"] == 4 and res["steady_samples_per_s"] > 0 and 0 < res["startup_s"] < res["wall_s"]

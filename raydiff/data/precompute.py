@@ -32,7 +32,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
-from raydiff import storage, tokens
+from raydiff import hub, storage, tokens
 from raydiff.data import stats
 from raydiff.data.columns import EMBED_COLUMNS, LATENT_COLUMN, TOKEN_COLUMNS
 from raydiff.data.pipeline import (
@@ -244,12 +244,11 @@ def fingerprint(spec, encoder: EncoderSpec, manifest) -> str:
 def _model_files(encoder: EncoderSpec) -> list:
     """(file, size, mtime) of the local encoder and tokenizer files: re-saving a model there changes the key.
     Hub ids are identified by their id and revision (part of the encoder spec)."""
-    from raydiff import models  # on the driver only ("tiny" may need building: torch); cache tasks stay light
-
     out = []
     for name, subs in ((encoder.pretrained, ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")),
                        (encoder.vae, ("",))):
-        path = models.resolve_pretrained(name) if name else None
+        # "tiny" is built here if absent (importing diffusers only then); hub ids have no local files to stat
+        path = hub.local_pretrained(hub.TINY, parts=()) if name == hub.TINY else name
         if not path or not os.path.isdir(path):
             continue
         for sub in subs:

@@ -22,7 +22,7 @@ from ray.data import ExecutionOptions
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from raydiff import console, models, shape, storage
+from raydiff import console, hub, shape, storage
 from raydiff.compat import find_bootstrap_address
 from raydiff.config import (Config, ConfigError, ScalingSection, help_text, is_uri, load_config, markdown_table,
                             run_dir, storage_path)
@@ -105,7 +105,7 @@ def run_cpus(cfg: Config) -> float:
 
 def data_spec(cfg: Config, stats_actor: str | None = None) -> DataSpec:
     """The run's data: its data section, with the generated demo dataset's path when data.source is unset."""
-    source = cfg.data.source or ensure_demo_dataset(models.default_cache_dir(), num_images=cfg.data.demo_num_images)
+    source = cfg.data.source or ensure_demo_dataset(hub.default_cache_dir(), num_images=cfg.data.demo_num_images)
     return DataSpec(dataclasses.replace(cfg.data, source=source), seed=cfg.train.seed, stats_actor=stats_actor)
 
 
@@ -114,7 +114,7 @@ def encoder_spec(cfg: Config):
     return EncoderSpec(pretrained=m.pretrained, mode=d.precompute, vae=m.vae, revision=m.revision, variant=m.variant,
                        text_dtype=str(PRECISION_DTYPES[cfg.deepspeed.precision]).removeprefix("torch."),
                        concurrency=d.precompute_concurrency, num_gpus=d.precompute_num_gpus,
-                       zero_empty_prompt=models.zeros_for_empty_prompt(m.pretrained, m.revision))
+                       zero_empty_prompt=hub.zeros_for_empty_prompt(m.pretrained, m.revision))
 
 
 def with_precompute(cfg: Config, spec, tokenizer_path: str, manifest):
@@ -149,7 +149,7 @@ def run_data(cfg: Config, workdir: str):
     spec = data_spec(cfg)
     manifest = run_manifest(spec, workdir)
     spec = dataclasses.replace(spec, stats_actor=stats.create(manifest.num_rows, workdir))
-    return spec, manifest, models.model_ref(cfg.model.pretrained, cfg.model.revision)  # a name: each node resolves it
+    return spec, manifest, hub.model_ref(cfg.model.pretrained, cfg.model.revision)  # a name: each node resolves it
 
 
 def resolve_dir(path: str) -> str:
@@ -264,7 +264,8 @@ def prepare_run_dir(cfg: Config) -> str:
 def run_training(cfg: Config, callbacks: list | None = None) -> RunOutputs:
     start = time.perf_counter()
     init_ray(cfg)
-    models.resolve_pretrained(cfg.model.pretrained)  # build/cache the tiny model once, before workers race for it
+    if cfg.model.pretrained == hub.TINY:  # built once here, before workers race for it (other names: each node's own)
+        hub.local_pretrained(hub.TINY, parts=())  # imports diffusers into the driver only to build it
     path = prepare_run_dir(cfg)
     logger.info("%s", summ.format_start(cfg, path))
     mlflow_run = tracking.start_mlflow_run(cfg)

@@ -10,8 +10,6 @@ import ray
 
 from raydiff import console, storage
 from raydiff.config import Config, is_uri
-from raydiff.generate import generate
-from raydiff.validation import image_grid
 
 LOSS_CURVE = "loss_curve.png"
 SAMPLES = "samples.png"
@@ -63,6 +61,8 @@ def _render_grid(model_dir: str, prompts: list[str], steps: int, seed: int, size
         console.quiet_process()
         console.disable_hf_progress_bars()
     os.environ.update(cloud_env)  # the model may sit on an object store this worker has no credentials for
+    from raydiff.generate import generate  # diffusers: here, not in every driver's start-up
+    from raydiff.validation import image_grid
 
     with tempfile.TemporaryDirectory() as tmp:
         local = storage.download_dir(model_dir, os.path.join(tmp, "model")) if is_uri(model_dir) else model_dir
