@@ -334,10 +334,11 @@ def profiled(directory: str | None, device: torch.device):
 
 
 def write_profile(prof, directory: str, name: str, device: torch.device) -> None:
-    """The ops that took the time, by device time and by host time: where a step's seconds go."""
+    """The ops that took the time, by device time and by host time (each op's own, then with what it called: the
+    second shows which layer type, e.g. aten::convolution, the kernels' time sits under): where a step's seconds go."""
     os.makedirs(directory, exist_ok=True)
     table = prof.key_averages()
-    keys = (["self_cuda_time_total"] if device.type == "cuda" else []) + ["self_cpu_time_total"]
+    keys = (["self_cuda_time_total"] if device.type == "cuda" else []) + ["self_cpu_time_total", "cpu_time_total"]
     with open(os.path.join(directory, f"{name}.txt"), "w") as f:
         for key in keys:
             f.write(f"# sorted by {key}\n{table.table(sort_by=key, row_limit=40)}\n")

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -117,7 +118,12 @@ def test_dry_run_times_raydiffs_train_step_on_a_deepspeed_engine(gpu_sdxl, dry_r
     # --profile: each cell's op table, where the micro-steps' time went (the UNet's convolutions among them)
     tables = {p.name: p.read_text() for p in profiles.iterdir()}
     assert sorted(tables) == sorted(f"{v}_{i}_b{toy['batch_size']}.txt" for v, i in rows)
-    assert all("sorted by self_cpu_time_total" in t and "aten::convolution" in t for t in tables.values())
+    # By self time the top rows vary with the machine (at this toy size the convolution kernels may rank below 40
+    # other ops); by time with callees the UNet's convolution layers always rank among them.
+    for name, text in tables.items():
+        by_self, by_total = text.split("# sorted by cpu_time_total\n")
+        assert by_self.startswith("# sorted by self_cpu_time_total\n") and "aten::" in by_self, name
+        assert re.search(r"^\s*aten::convolution\s", by_total, re.MULTILINE), name
     # The same init, data and noise with and without checkpointing: the same losses (recompute changes no maths).
     for kind in ("precomputed", "online"):
         assert rows[("gc", kind)]["losses"] == pytest.approx(rows[("eager", kind)]["losses"], rel=1e-3)
