@@ -45,6 +45,7 @@ import fcntl
 import hashlib
 import io
 import json
+import math
 import os
 import statistics
 import tempfile
@@ -488,7 +489,7 @@ def _cell(runs: list[dict], reference: list[dict], key: str, compare: bool) -> s
     if compare and reference:
         ref_mean, ref_sd = _stats([r[key] for r in reference])
         star = "*" if abs(mean - ref_mean) > sd + ref_sd else ""  # nan sds (one seed) never star
-    return f"{mean:.4g} ± {sd:.2g}{star}"
+    return f"{mean:.4g}{star}" if math.isnan(sd) else f"{mean:.4g} ± {sd:.2g}{star}"
 
 
 def _stats(values: list[float]) -> tuple[float, float]:

@@ -222,5 +222,24 @@ def test_ip_effect_plateau_rule():
     assert flattened([(s, 1.0 + s / 100) for s in range(0, 11)], min_steps=4, window=3, tol=0.005)  # overfitting
 
 
+def test_ip_effect_table_marks_only_differences_beyond_the_seed_spread():
+    ip = _load("ip_effect")
+
+    def run(setting, seed, value):
+        metrics = {f"{f}_n10_lam{lam:g}": value for f in ("exposure_bias", "fd_pixel") for lam in ip.EPS_SCALES}
+        return {"dataset": "shapes", "setting": setting, "seed": seed, "steps": 100, "val_loss": value, **metrics}
+
+    one_seed = ip.table([run("gamma=0", 0, 1.0), run("gamma=0.1", 0, 2.0)], "shapes")
+    assert "nan" not in one_seed and "*" not in one_seed  # one seed: no spread, so no claim
+    rows = ip.table([run("gamma=0", 0, 1.0), run("gamma=0", 1, 1.2),  # 1.1 ± 0.14
+                     run("gamma=0.05", 0, 1.15), run("gamma=0.05", 1, 1.35),  # 1.25 ± 0.14: intervals overlap
+                     run("gamma=0.1", 0, 2.0), run("gamma=0.1", 1, 2.2)], "shapes").splitlines()  # 2.1 ± 0.14
+    cells = {line.split(" | ")[0][2:] + " " + line.split(" | ")[1]: line.split(" | ")[4:] for line in rows[2:]}
+    assert all(c.startswith("1.1 ± 0.14") and "*" not in c for c in cells["gamma=0 1"][:3])
+    assert all("*" not in c for c in cells["gamma=0.05 1"][:3])
+    assert all(c.startswith("2.1 ± 0.14") and c.rstrip(" |").endswith("*") for c in cells["gamma=0.1 1"][:3])
+    assert cells["gamma=0.1 1.005"][0] == ""  # val_loss is unperturbed: one row per setting, not per lambda
+
+
 def _finite(values) -> bool:
     return all(math.isfinite(v) for v in values)
