@@ -256,17 +256,24 @@ def curve_point(step: int, ema: EMA, data: dict, chain_steps: int) -> dict:
 
 
 def train(comps, data: dict, setting: str, seed: int, steps: int | None, args,
-          partial: str | None = None) -> tuple[TrainStep, list, int]:
+          partial: str | None = None) -> tuple[TrainStep, list, int, dict]:
     """Train one run: `steps` TrainStep calls, or (steps None) until the plateau rule; (EMA evaluator, curve,
-    steps trained). The generator draws each batch's rows, then the step's noise, gamma and timesteps. At every
-    curve point the run's state is saved to `partial`, and a run finding that file continues from it."""
+    steps trained, timing). The generator draws each batch's rows, then the step's noise, gamma and timesteps. At
+    every curve point the run's state is saved to `partial`, and a run finding that file continues from it; timing
+    ({"train_s", "resumed_at"}) adds up the training time of every process the run took and lists where it resumed."""
     gamma, schedule = SETTINGS[setting]
     cfg = run_config(gamma, schedule, steps or args.max_steps, args.batch, args.lr)
     step_fn = build_step(comps, cfg, seed)
     ema, gen = EMA(step_fn, args.ema), torch.Generator().manual_seed(seed)
     scaling, train_rows, chain = comps.vae.config.scaling_factor, data["train"], min(args.sampler_steps)
     last = steps or args.max_steps
-    curve = load_partial(partial, step_fn, ema, gen) or [curve_point(0, ema, data, chain)]
+    start, timing = time.perf_counter(), {"train_s": 0.0, "resumed_at": []}
+    curve = load_partial(partial, step_fn, ema, gen, timing) or [curve_point(0, ema, data, chain)]
+    before = timing["train_s"]
+
+    def timed() -> dict:
+        return {**timing, "train_s": round(before + time.perf_counter() - start, 1)}
+
     for step in range(curve[-1]["step"], last):
         idx = train_rows[torch.randint(0, len(train_rows), (args.batch,), generator=gen)]
         step_fn(batch_of(data, idx, scaling), step, gen)
@@ -274,27 +281,30 @@ def train(comps, data: dict, setting: str, seed: int, steps: int | None, args,
         if (step + 1) % args.eval_every == 0 or step + 1 == last:
             curve.append(curve_point(step + 1, ema, data, chain))
             print(f"  {data['name']} {setting} seed {seed} {json.dumps(curve[-1])}", flush=True)
-            save_partial(partial, step_fn, ema, gen, curve)
+            save_partial(partial, step_fn, ema, gen, curve, timed())
             if steps is None and flattened([(p["step"], p["val_loss"]) for p in curve], args.min_steps,
                                            args.window, args.tol):
-                return ema.evaluator(), curve, step + 1
-    return ema.evaluator(), curve, last
+                return ema.evaluator(), curve, step + 1, timed()
+    return ema.evaluator(), curve, last, timed()
 
 
-def save_partial(path: str | None, step_fn: TrainStep, ema: EMA, gen: torch.Generator, curve: list) -> None:
+def save_partial(path: str | None, step_fn: TrainStep, ema: EMA, gen: torch.Generator, curve: list,
+                 timing: dict) -> None:
     if path is None:
         return
     engine = step_fn.engine
     state = {"unet": engine.module.state_dict(), "optimizer": engine.optimizer.state_dict(),
              "lr_scheduler": engine.lr_scheduler.state_dict(), "ema": ema.shadow, "generator": gen.get_state(),
-             "curve": curve}
+             "curve": curve, "timing": timing}
     os.makedirs(os.path.dirname(path), exist_ok=True)
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)
 
 
-def load_partial(path: str | None, step_fn: TrainStep, ema: EMA, gen: torch.Generator) -> list | None:
-    """The saved curve, with the weights, optimizer, EMA and generator restored; None when nothing is saved."""
+def load_partial(path: str | None, step_fn: TrainStep, ema: EMA, gen: torch.Generator,
+                 timing: dict) -> list | None:
+    """The saved curve, with the weights, optimizer, EMA and generator restored and `timing` updated (the time
+    trained so far, this resume's step appended); None when nothing is saved."""
     if path is None or not os.path.exists(path):
         return None
     state = torch.load(path, weights_only=False)
@@ -304,6 +314,9 @@ def load_partial(path: str | None, step_fn: TrainStep, ema: EMA, gen: torch.Gene
     engine.lr_scheduler.load_state_dict(state["lr_scheduler"])
     ema.shadow = state["ema"]
     gen.set_state(state["generator"])
+    # A file saved before the time was kept (2026-12-04) has none: its run's train_s counts from this resume.
+    saved = state.get("timing", {"train_s": 0.0, "resumed_at": []})
+    timing.update(train_s=saved["train_s"], resumed_at=saved["resumed_at"] + [state["curve"][-1]["step"]])
     print(f"  resumed {path} at step {state['curve'][-1]['step']}", flush=True)
     return state["curve"]
 
@@ -412,13 +425,12 @@ def run_all(args, run_args: dict) -> None:
         if steps is None and (setting, seed) != (REFERENCE, 0):
             raise SystemExit(f"{args.out}: no finished reference run ({dataset}, {REFERENCE}, seed 0) to take the "
                              "step count from; include it in this shard or pass --steps")
-        start = time.perf_counter()
         partial = partial_path(args, run_args, (dataset, setting, seed))
-        step_fn, curve, trained = train(comps, datasets[dataset], setting, seed, steps, args, partial)
-        train_s = time.perf_counter() - start
+        step_fn, curve, trained, timing = train(comps, datasets[dataset], setting, seed, steps, args, partial)
+        start = time.perf_counter()
         run = {"dataset": dataset, "setting": setting, "seed": seed, "steps": trained, "curve": curve,
-               **final_metrics(step_fn, datasets[dataset], args), "train_s": round(train_s, 1),
-               "eval_s": round(time.perf_counter() - start - train_s, 1)}
+               **final_metrics(step_fn, datasets[dataset], args), **timing,
+               "eval_s": round(time.perf_counter() - start, 1)}
         append_run(args.out, run_args, run)
         os.remove(partial)
         done[_key(run)] = run

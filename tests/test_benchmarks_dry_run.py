@@ -22,7 +22,8 @@ BENCHMARKS = ROOT / "benchmarks"
 # Every TrainStep call is recorded and passed through unchanged: which benchmark, which engine, the step number,
 # the batch's kind, and the loss and gamma the step returned.
 SCRIPT = textwrap.dedent("""
-    import contextlib, importlib.util, io, json, sys
+    import contextlib, glob, importlib.util, io, json, sys
+    import torch
     import raydiff.train.step as step_module
     from raydiff.data.columns import LATENT_COLUMN
 
@@ -72,6 +73,10 @@ SCRIPT = textwrap.dedent("""
         ip.main(ip_args)
     except KeyboardInterrupt:
         pass
+    (saved,) = glob.glob(f"{out_dir}/ip_partial/*.pt")  # as if the killed process had trained for 1,000 s
+    state = torch.load(saved, weights_only=False)
+    killed_train_s = state["timing"]["train_s"]
+    torch.save({**state, "timing": {**state["timing"], "train_s": 1000.0}}, saved)
     ip.main(ip_args)
     with open(ip_out) as f:
         resumed = json.load(f)
@@ -79,7 +84,8 @@ SCRIPT = textwrap.dedent("""
     with open(ip_out, "w") as f:
         json.dump(first, f)
     with open(f"{out_dir}/ip_effect_resume.json", "w") as f:
-        json.dump({**resumed, "png_bytes": len(open(f"{out_dir}/ip_effect.png", "rb").read())}, f)
+        json.dump({**resumed, "png_bytes": len(open(f"{out_dir}/ip_effect.png", "rb").read()),
+                   "killed_train_s": killed_train_s}, f)
     with open(f"{out_dir}/calls.json", "w") as f:
         json.dump(calls, f)
 """)
@@ -209,6 +215,10 @@ def test_ip_effect_resumes_a_results_file_and_reports_it(dry_runs):
         (lost["dataset"], lost["setting"], lost["seed"], lost["steps"])
     points = [[p[k] for p in run["curve"] for k in ("step", "val_loss", "exposure_bias")] for run in (again, lost)]
     assert points[0] == pytest.approx(points[1]) and again["val_loss"] == pytest.approx(lost["val_loss"])
+    # Its time is both processes' training (the killed one's, saved at step 1 and set to 1,000 s, plus the rerun's),
+    # and says where it resumed; a run trained in one go resumed nowhere.
+    assert again["resumed_at"] == [1] and all(r["resumed_at"] == [] for r in resumed["runs"][:-1])
+    assert resumed["killed_train_s"] > 0 and 1000 < again["train_s"] < 1000 + lost["train_s"] + 60
     assert resumed["png_bytes"] > 1000  # --report drew the curves
 
 
