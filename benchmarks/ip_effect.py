@@ -255,6 +255,9 @@ def curve_point(step: int, ema: EMA, data: dict, chain_steps: int) -> dict:
     return {"step": step, "val_loss": loss, "exposure_bias": bias}
 
 
+NOT_RESUMED = {"train_s": 0.0, "resumed_at": []}  # the timing of a run trained in one process
+
+
 def train(comps, data: dict, setting: str, seed: int, steps: int | None, args,
           partial: str | None = None) -> tuple[TrainStep, list, int, dict]:
     """Train one run: `steps` TrainStep calls, or (steps None) until the plateau rule; (EMA evaluator, curve,
@@ -267,12 +270,12 @@ def train(comps, data: dict, setting: str, seed: int, steps: int | None, args,
     ema, gen = EMA(step_fn, args.ema), torch.Generator().manual_seed(seed)
     scaling, train_rows, chain = comps.vae.config.scaling_factor, data["train"], min(args.sampler_steps)
     last = steps or args.max_steps
-    start, timing = time.perf_counter(), {"train_s": 0.0, "resumed_at": []}
-    curve = load_partial(partial, step_fn, ema, gen, timing) or [curve_point(0, ema, data, chain)]
-    before = timing["train_s"]
+    start = time.perf_counter()
+    curve, earlier = load_partial(partial, step_fn, ema, gen) or ([curve_point(0, ema, data, chain)], NOT_RESUMED)
 
     def timed() -> dict:
-        return {**timing, "train_s": round(before + time.perf_counter() - start, 1)}
+        return {"train_s": round(earlier["train_s"] + time.perf_counter() - start, 1),
+                "resumed_at": earlier["resumed_at"]}
 
     for step in range(curve[-1]["step"], last):
         idx = train_rows[torch.randint(0, len(train_rows), (args.batch,), generator=gen)]
@@ -301,10 +304,9 @@ def save_partial(path: str | None, step_fn: TrainStep, ema: EMA, gen: torch.Gene
     os.replace(path + ".tmp", path)
 
 
-def load_partial(path: str | None, step_fn: TrainStep, ema: EMA, gen: torch.Generator,
-                 timing: dict) -> list | None:
-    """The saved curve, with the weights, optimizer, EMA and generator restored and `timing` updated (the time
-    trained so far, this resume's step appended); None when nothing is saved."""
+def load_partial(path: str | None, step_fn: TrainStep, ema: EMA, gen: torch.Generator) -> tuple[list, dict] | None:
+    """(the saved curve, the timing so far with this resume's step appended), with the weights, optimizer, EMA and
+    generator restored; None when nothing is saved."""
     if path is None or not os.path.exists(path):
         return None
     state = torch.load(path, weights_only=False)
@@ -315,10 +317,9 @@ def load_partial(path: str | None, step_fn: TrainStep, ema: EMA, gen: torch.Gene
     ema.shadow = state["ema"]
     gen.set_state(state["generator"])
     # A file saved before the time was kept (2026-12-04) has none: its run's train_s counts from this resume.
-    saved = state.get("timing", {"train_s": 0.0, "resumed_at": []})
-    timing.update(train_s=saved["train_s"], resumed_at=saved["resumed_at"] + [state["curve"][-1]["step"]])
-    print(f"  resumed {path} at step {state['curve'][-1]['step']}", flush=True)
-    return state["curve"]
+    saved, step = state.get("timing", NOT_RESUMED), state["curve"][-1]["step"]
+    print(f"  resumed {path} at step {step}", flush=True)
+    return state["curve"], {"train_s": saved["train_s"], "resumed_at": saved["resumed_at"] + [step]}
 
 
 def partial_path(args, run_args: dict, key: tuple) -> str:
