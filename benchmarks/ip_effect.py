@@ -275,7 +275,7 @@ def train(comps, data: dict, setting: str, seed: int, steps: int | None, args,
 
     def timed() -> dict:
         return {"train_s": round(earlier["train_s"] + time.perf_counter() - start, 1),
-                "resumed_at": earlier["resumed_at"]}
+                "resumed_at": list(earlier["resumed_at"])}  # a copy: NOT_RESUMED is shared
 
     for step in range(curve[-1]["step"], last):
         idx = train_rows[torch.randint(0, len(train_rows), (args.batch,), generator=gen)]
