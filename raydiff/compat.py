@@ -52,6 +52,11 @@ ASSUMPTIONS = {
         "ray", RAY_CHECKED, "ray.train.get_context().get_storage() (DeveloperAPI: ray.train.v2._internal's "
         "StorageContext) .storage_filesystem / .experiment_fs_path",
         "where the asynchronous checkpoint upload writes (raydiff.train.checkpoint.report)"),
+    "ray.checkpoint_snapshot": Assumption(
+        "ray", RAY_CHECKED, "ray.train.v2._internal.constants.CHECKPOINT_MANAGER_SNAPSHOT_FILENAME (Ray Train's list "
+        "of a run's checkpoints, in the run directory, rewritten in place at every report)",
+        "a list torn by a stop mid-write is set aside and the relaunch resumes from the newest complete checkpoint "
+        "(raydiff.train.checkpoint.set_aside_torn_snapshot); without the name Ray refuses to start such a run"),
     "ray.split_coordinator": Assumption(
         "ray", RAY_CHECKED, "Ray Data's StreamSplitDataIterator._coord_actor",
         "ends an epoch's execution at once (raydiff.data.loader); without it Ray stops the coordinator when its "
@@ -158,6 +163,17 @@ def train_storage() -> tuple[Any, str]:
     import ray.train
 
     return storage_paths(ray.train.get_context().get_storage())
+
+
+def checkpoint_snapshot_name() -> str | None:
+    """The file name of Ray Train's checkpoint list in a run directory (None, with a warning, when it is gone)."""
+    check("ray.checkpoint_snapshot")
+    try:
+        from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+    except ImportError as err:
+        logger.warning("%s", broken("ray.checkpoint_snapshot", err))
+        return None
+    return CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 
 
 def split_coordinator(iterator: Any) -> Any:

@@ -97,6 +97,25 @@ def _preemption_notice(request) -> None:
             context.set_train_context(None)
 
 
+def _checkpoint_snapshot(request) -> None:
+    from ray.train import CheckpointConfig
+    from ray.train.v2._internal.exceptions import CheckpointManagerInitializationError
+    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import CheckpointManager
+    from ray.train.v2._internal.execution.storage import StorageContext
+
+    storage = StorageContext(str(request.getfixturevalue("tmp_path")), "experiment")
+    snapshot = storage.checkpoint_manager_snapshot_path
+    assert snapshot.endswith("/experiment/" + compat.checkpoint_snapshot_name())
+    # What raydiff.train.checkpoint.set_aside_torn_snapshot protects a relaunch from: Ray refuses an empty list.
+    storage.storage_filesystem.create_dir(storage.experiment_fs_path)
+    with storage.storage_filesystem.open_output_stream(snapshot):
+        pass
+    with pytest.raises(CheckpointManagerInitializationError, match="Expecting value"):
+        CheckpointManager(CheckpointConfig(), storage)
+    storage.storage_filesystem.delete_file(snapshot)
+    CheckpointManager(CheckpointConfig(), storage)  # none: a fresh list
+
+
 def _split_coordinator(request) -> None:
     import inspect
 
@@ -181,6 +200,7 @@ def _compiled(request) -> None:
 PROOFS = {
     "ray.bootstrap_address": _bootstrap_address,
     "ray.train_storage": _train_storage,
+    "ray.checkpoint_snapshot": _checkpoint_snapshot,
     "ray.split_coordinator": _split_coordinator,
     "ray.preemption_notice": _preemption_notice,
     "ray.asha": _asha,

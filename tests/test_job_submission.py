@@ -191,11 +191,16 @@ def test_submit_stop_resubmit_resumes_and_succeeds(ray_head, raydiff_cache, tmp_
     assert jobs.wait_terminal("raydiff-first") == "STOPPED"
     stopped_at = max(r["step"] for r in read_metrics(str(run_dir / "metrics.jsonl")))
     assert CKPT_EVERY <= stopped_at < STEPS
+    # A stop while Ray Train rewrites its checkpoint list leaves it empty (it happened here in CI), and Ray would
+    # refuse the relaunch: the resubmitted job sets it aside and resumes from the newest complete checkpoint.
+    (run_dir / "checkpoint_manager_snapshot.json").write_bytes(b"")
 
     submit(jobs, "raydiff-second", str(tmp_path), raydiff_cache)  # the same command
     final = jobs.wait_terminal("raydiff-second")
     logs = jobs.logs("raydiff-second")
     assert final == "SUCCEEDED", logs[-5000:]
+    assert "checkpoint_manager_snapshot.json is unreadable (0 bytes" in logs
+    assert len(list(run_dir.glob("checkpoint_manager_snapshot.json.torn-*"))) == 1
 
     resumed = int(re.search(r"resumed from \S+ at step (\d+)", logs).group(1))
     assert resumed >= CKPT_EVERY and resumed % CKPT_EVERY == 0

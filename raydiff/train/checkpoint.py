@@ -44,7 +44,8 @@ import ray.train
 import torch
 from ray.train import Checkpoint
 
-from raydiff.compat import DEEPSPEED_CHECKED, deepspeed_checked, train_storage
+from raydiff import storage
+from raydiff.compat import DEEPSPEED_CHECKED, checkpoint_snapshot_name, deepspeed_checked, train_storage
 
 logger = logging.getLogger(__name__)
 
@@ -245,10 +246,22 @@ def latest_complete(checkpoint, announce: bool = True):
     """``checkpoint`` if complete, else the newest complete checkpoint beside it (a warning names each one passed
     over, printed when ``announce``: one rank is enough); raises IncompleteCheckpoint when none is."""
     fs, parent = checkpoint.filesystem, posixpath.dirname(checkpoint.path.rstrip("/"))
-    siblings = fs.get_file_info(pafs.FileSelector(parent, allow_not_found=True))
-    names = sorted((i.path for i in siblings if i.type == pafs.FileType.Directory
-                    and posixpath.basename(i.path).startswith("checkpoint_")), reverse=True)
-    candidates = [checkpoint.path] + [p for p in names if p < checkpoint.path]
+    candidates = [checkpoint.path] + [p for p in _checkpoint_dirs(fs, parent) if p < checkpoint.path]
+    path, problems = _first_complete(fs, candidates, announce)
+    if path is None:
+        raise IncompleteCheckpoint("no complete checkpoint to resume from: " + "; ".join(problems) +
+                                   ". Remove the run directory's checkpoint_* folders to start over.")
+    return checkpoint if path == checkpoint.path else Checkpoint(path, filesystem=fs)
+
+
+def _checkpoint_dirs(fs: pafs.FileSystem, run_path: str) -> list[str]:
+    """The run's checkpoint directories, newest first (Ray names them checkpoint_<time>)."""
+    infos = fs.get_file_info(pafs.FileSelector(run_path, allow_not_found=True))
+    return sorted((i.path for i in infos if i.type == pafs.FileType.Directory
+                   and posixpath.basename(i.path).startswith("checkpoint_")), reverse=True)
+
+
+def _first_complete(fs: pafs.FileSystem, candidates: list[str], announce: bool) -> tuple[str | None, list[str]]:
     problems = []
     for path in candidates:
         try:
@@ -258,9 +271,48 @@ def latest_complete(checkpoint, announce: bool = True):
             if announce:
                 logger.warning("checkpoint %s is incomplete (%s); trying the previous one", path, err)
             continue
-        return checkpoint if path == checkpoint.path else Checkpoint(path, filesystem=fs)
-    raise IncompleteCheckpoint("no complete checkpoint to resume from: " + "; ".join(problems) +
-                               ". Remove the run directory's checkpoint_* folders to start over.")
+        return path, problems
+    return None, problems
+
+
+def set_aside_torn_snapshot(run_path: str) -> str | None:
+    """Ray Train rewrites its list of a run's checkpoints in place at every report, so a run stopped mid-write can
+    leave it empty or cut short, and Ray then refuses to start the relaunch. Such a list is moved aside (a warning
+    names both files) and the newest complete checkpoint of the run is returned, for the workers to resume from when
+    Ray hands them none. None when the list is absent or readable, or no checkpoint is complete."""
+    name = checkpoint_snapshot_name()
+    if name is None:
+        return None
+    fs, base = storage.filesystem(run_path)
+    snapshot = posixpath.join(base, name)
+    if fs.get_file_info(snapshot).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(snapshot) as f:
+        text = f.read()
+    try:
+        if isinstance(json.loads(text), dict):
+            return None
+    except ValueError:  # UnicodeDecodeError and JSONDecodeError both are
+        pass
+    aside = f"{snapshot}.torn-{time.strftime('%Y%m%d-%H%M%S')}"
+    fs.move(snapshot, aside)
+    path, _ = _first_complete(fs, _checkpoint_dirs(fs, base), announce=True)
+    resume = path  # local: made absolute, as the workers may not share the driver's home or working directory
+    if path is not None and storage.is_uri(run_path):
+        resume = storage.join(run_path, posixpath.basename(path))
+    logger.warning("Ray Train's checkpoint list %s is unreadable (%d bytes: the run was stopped while Ray rewrote "
+                   "it); moved it to %s. Resuming from %s. Ray does not track the run's older checkpoints any more: "
+                   "checkpoint.keep no longer deletes them.", storage.join(run_path, name), len(text),
+                   aside.rsplit("/", 1)[-1], resume or "the start (no complete checkpoint)")
+    return resume
+
+
+def handed_over(resume_from: str | None):
+    """The checkpoint the driver found after setting aside a torn checkpoint list (set_aside_torn_snapshot)."""
+    if resume_from is None:
+        return None
+    fs, path = storage.filesystem(resume_from)
+    return Checkpoint(path, filesystem=fs)
 
 
 def saved_trainer_state(checkpoint) -> dict:

@@ -33,6 +33,7 @@ from raydiff.data.pipeline import PREPROCESS_TASKS, DataSpec, build_datasets, bu
 from raydiff.data.precompute import EncoderSpec, ensure_cache
 from raydiff.train import summary as summ
 from raydiff.train import tracking
+from raydiff.train.checkpoint import set_aside_torn_snapshot
 from raydiff.train.deepspeed_setup import PRECISION_DTYPES
 from raydiff.train.entry import train_loop_per_worker
 from raydiff.train.metrics_log import read_metrics
@@ -163,8 +164,9 @@ def _ordered():
     return ExecutionOptions(preserve_order=True)
 
 
-def build_trainer(cfg: Config, callbacks: list | None = None) -> TorchTrainer:
-    """A TorchTrainer for one run; `run.name` + `run.storage_path` identify it, so relaunching resumes it."""
+def build_trainer(cfg: Config, callbacks: list | None = None, resume_from: str | None = None) -> TorchTrainer:
+    """A TorchTrainer for one run; `run.name` + `run.storage_path` identify it, so relaunching resumes it.
+    `resume_from`: the checkpoint to start from when Ray hands the workers none (a torn checkpoint list)."""
     spec, manifest, tokenizer_path = run_data(cfg, run_dir(cfg))
     stats_actor = spec.stats_actor
     logger.info("data: %s (%s): %s training rows, %s validation rows, %s read units; %s steps = %.1f epochs",
@@ -180,7 +182,7 @@ def build_trainer(cfg: Config, callbacks: list | None = None) -> TorchTrainer:
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "run_dir": run_dir(cfg), "data_stats": stats_actor, "data": data,
                            "cloud_env": storage.cloud_env() if uses_object_store(cfg) else {},
-                           "verbose": console.is_verbose(), **val_config},
+                           "verbose": console.is_verbose(), "resume_from": resume_from, **val_config},
         scaling_config=scaling_config(cfg.scaling),
         run_config=RunConfig(
             name=cfg.run.name,
@@ -268,9 +270,10 @@ def run_training(cfg: Config, callbacks: list | None = None) -> RunOutputs:
         hub.local_pretrained(hub.TINY, parts=())  # imports diffusers into the driver only to build it
     path = prepare_run_dir(cfg)
     logger.info("%s", summ.format_start(cfg, path))
+    resume_from = set_aside_torn_snapshot(path)  # before Ray Train reads it
     mlflow_run = tracking.start_mlflow_run(cfg)
     try:
-        result = build_trainer(cfg, [*(callbacks or []), tracking.RunTracker(cfg, mlflow_run)]).fit()
+        result = build_trainer(cfg, [*(callbacks or []), tracking.RunTracker(cfg, mlflow_run)], resume_from).fit()
     except BaseException:  # stopped or failed: a relaunch resumes, and reopens the MLflow run
         tracking.end_mlflow_run(cfg, mlflow_run, status="FAILED")
         raise

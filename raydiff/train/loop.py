@@ -84,16 +84,19 @@ class Worker:
     """One Ray Train worker's run: built whole here (model, engine, step, components), then `restore`, `train`
     (which exports at its last step) or only `export` (resumed from the final checkpoint)."""
 
-    def __init__(self, cfg: Config, run_dir: str, data_stats: str | None, data: dict, place: Place | None = None):
+    def __init__(self, cfg: Config, run_dir: str, data_stats: str | None, data: dict, place: Place | None = None,
+                 resume_from: str | None = None):
         """`data_stats`: the run's data counter actor (raydiff.data.stats); `data`: spec, tokenizer path and source
-        manifest (driver.build_trainer); `place`: rank, world and device (default: this Ray Train worker's)."""
+        manifest (driver.build_trainer); `place`: rank, world and device (default: this Ray Train worker's);
+        `resume_from`: the checkpoint to resume from when Ray hands none (checkpoint.set_aside_torn_snapshot)."""
         place = place or Place.of_this_worker()
         self.cfg, self.run_dir, self.data_stats, self.data = cfg, run_dir, data_stats, data
         self.rank, self.world, self.device = place.rank, place.world, place.device
         self.dtype = PRECISION_DTYPES[cfg.deepspeed.precision]
         use_reserved_cpus(cfg.scaling.cpus_per_worker)
         self.checkpointer = Checkpointer(cfg.checkpoint.every_n_steps, cfg.train.max_steps, self.rank, self.world)
-        self.checkpointer.find(ray.train.get_checkpoint())  # before the engine: a universal one changes its config
+        # Before the engine: a universal checkpoint changes its config.
+        self.checkpointer.find(ray.train.get_checkpoint(), resume_from)
         # The data stream starts first: its first execution overlaps the model and engine build (loader.Prefetched).
         self.batches = self.start_batches(self.checkpointer.saved.step,
                                           self.checkpointer.position(cfg.train.batch_size))
@@ -267,7 +270,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         console.disable_hf_progress_bars()
     cfg = from_dict(loop_config["config"])
     os.environ.update(loop_config.get("cloud_env") or {})  # run-dir files on an object store (raydiff.storage)
-    worker = Worker(cfg, loop_config["run_dir"], loop_config.get("data_stats"), loop_config["data"])
+    worker = Worker(cfg, loop_config["run_dir"], loop_config.get("data_stats"), loop_config["data"],
+                    resume_from=loop_config.get("resume_from"))
     worker.restore()
     worker.validator.load(validation_batches(loop_config, cfg.validation.batch_size), worker.data_stats)
     if worker.state.step < cfg.train.max_steps:
