@@ -56,7 +56,7 @@ ASSUMPTIONS = {
         "ray", RAY_CHECKED, "ray.train.v2._internal.constants.CHECKPOINT_MANAGER_SNAPSHOT_FILENAME (Ray Train's list "
         "of a run's checkpoints, in the run directory, rewritten in place at every report)",
         "a list torn by a stop mid-write is set aside and the relaunch resumes from the newest complete checkpoint "
-        "(raydiff.train.checkpoint.set_aside_torn_snapshot); without the name Ray refuses to start such a run"),
+        "(raydiff.train.checkpoint.resume_without_ray_list); without the name Ray refuses to start such a run"),
     "ray.split_coordinator": Assumption(
         "ray", RAY_CHECKED, "Ray Data's StreamSplitDataIterator._coord_actor",
         "ends an epoch's execution at once (raydiff.data.loader); without it Ray stops the coordinator when its "

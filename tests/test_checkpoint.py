@@ -302,10 +302,10 @@ def test_staging_dirs_of_dead_processes_are_swept(tmp_path, monkeypatch):
     assert not stale.exists() and live.exists() and os.path.isdir(fresh)
 
 
-def test_a_torn_checkpoint_list_is_set_aside_and_the_newest_complete_checkpoint_handed_over(tmp_path, caplog):
-    """A stop while Ray Train rewrites its checkpoint list leaves it empty (seen in tests/test_job_submission.py);
-    Ray would refuse the relaunch. The list is moved aside, and the newest complete checkpoint on storage, passing
-    over a newer one cut short, reaches the Checkpointer."""
+def test_without_a_usable_ray_checkpoint_list_the_newest_complete_checkpoint_is_handed_over(tmp_path, caplog):
+    """A stop while Ray Train rewrites its checkpoint list leaves it empty (seen in tests/test_job_submission.py) and
+    Ray would refuse the relaunch; with no list (set aside by an earlier relaunch) Ray would start over. Either way
+    the newest complete checkpoint on storage, passing over a newer one cut short, reaches the Checkpointer."""
     from raydiff.train.checkpointer import Checkpointer
 
     run = tmp_path / "run"
@@ -315,33 +315,36 @@ def test_a_torn_checkpoint_list_is_set_aside_and_the_newest_complete_checkpoint_
     snapshot = run / "checkpoint_manager_snapshot.json"
     snapshot.write_bytes(b"")
     with caplog.at_level("WARNING", logger="raydiff.train.checkpoint"):
-        found = ckpt.set_aside_torn_snapshot(str(run))
+        found = ckpt.resume_without_ray_list(str(run))
     assert found == str(complete) and not snapshot.exists()
     (aside,) = run.glob("checkpoint_manager_snapshot.json.torn-*")
     assert aside.read_bytes() == b""
     said = caplog.text
-    assert f"{snapshot} is unreadable (0 bytes" in said and aside.name in said and f"Resuming from {complete}" in said
+    assert f"{snapshot} is unreadable" in said and aside.name in said
     assert "checkpoint_2026-12-05_11-00-00.000000 is incomplete" in said
+    assert f"resuming from {complete.name}, the newest complete one" in said
     checkpointer = Checkpointer(every_n_steps=1, max_steps=1, rank=0, world=1)
-    checkpointer.find(None, found)  # Ray hands none: it starts a fresh list
+    checkpointer.find(None, found)  # Ray hands none: it starts a new list
     assert checkpointer.checkpoint.path == str(complete) and checkpointer.saved.stream == {"world": 1}
     checkpointer.find(None, None)
     assert not checkpointer.resumed
 
-    # A readable list, or none, is Ray's to read: left alone.
-    snapshot.write_text('{"ray_version": "x"}')
-    assert ckpt.set_aside_torn_snapshot(str(run)) is None and snapshot.read_text() == '{"ray_version": "x"}'
-    snapshot.unlink()
-    assert ckpt.set_aside_torn_snapshot(str(run)) is None
-    # Cut mid-JSON is torn too; torn with no complete checkpoint left, the run starts over and says so.
+    # No list (the relaunch that set it aside was stopped before Ray wrote a new one): the same checkpoint.
+    assert ckpt.resume_without_ray_list(str(run)) == str(complete)
+    # Cut mid-JSON is torn too.
     snapshot.write_bytes(b'{"checkpoint_res')
-    assert ckpt.set_aside_torn_snapshot(str(run)) == str(complete)
+    assert ckpt.resume_without_ray_list(str(run)) == str(complete) and not snapshot.exists()
+    # A readable list is Ray's to read: left alone.
+    snapshot.write_text('{"ray_version": "x"}')
+    assert ckpt.resume_without_ray_list(str(run)) is None and snapshot.read_text() == '{"ray_version": "x"}'
+    snapshot.unlink()
+    # Nothing complete: the run starts over, and says so when there were checkpoints; a new run is silent.
     (complete / "manifest_rank0.json").unlink()
-    snapshot.write_bytes(b"")
     caplog.clear()
     with caplog.at_level("WARNING", logger="raydiff.train.checkpoint"):
-        assert ckpt.set_aside_torn_snapshot(str(run)) is None
-    assert "Resuming from the start (no complete checkpoint)" in caplog.text
+        assert ckpt.resume_without_ray_list(str(run)) is None
+        assert ckpt.resume_without_ray_list(str(tmp_path / "new")) is None
+    assert caplog.text.count("the run starts over") == 1
 
 
 # ---------------------------------------------------------------- on a real Ray cluster, to S3

@@ -106,7 +106,7 @@ def _checkpoint_snapshot(request) -> None:
     storage = StorageContext(str(request.getfixturevalue("tmp_path")), "experiment")
     snapshot = storage.checkpoint_manager_snapshot_path
     assert snapshot.endswith("/experiment/" + compat.checkpoint_snapshot_name())
-    # What raydiff.train.checkpoint.set_aside_torn_snapshot protects a relaunch from: Ray refuses an empty list.
+    # What raydiff.train.checkpoint.resume_without_ray_list saves a relaunch from: Ray refuses an empty list.
     storage.storage_filesystem.create_dir(storage.experiment_fs_path)
     with storage.storage_filesystem.open_output_stream(snapshot):
         pass

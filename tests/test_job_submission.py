@@ -199,7 +199,7 @@ def test_submit_stop_resubmit_resumes_and_succeeds(ray_head, raydiff_cache, tmp_
     final = jobs.wait_terminal("raydiff-second")
     logs = jobs.logs("raydiff-second")
     assert final == "SUCCEEDED", logs[-5000:]
-    assert "checkpoint_manager_snapshot.json is unreadable (0 bytes" in logs
+    assert "checkpoint_manager_snapshot.json is unreadable" in logs
     assert len(list(run_dir.glob("checkpoint_manager_snapshot.json.torn-*"))) == 1
 
     resumed = int(re.search(r"resumed from \S+ at step (\d+)", logs).group(1))

@@ -275,40 +275,47 @@ def _first_complete(fs: pafs.FileSystem, candidates: list[str], announce: bool) 
     return None, problems
 
 
-def set_aside_torn_snapshot(run_path: str) -> str | None:
-    """Ray Train rewrites its list of a run's checkpoints in place at every report, so a run stopped mid-write can
-    leave it empty or cut short, and Ray then refuses to start the relaunch. Such a list is moved aside (a warning
-    names both files) and the newest complete checkpoint of the run is returned, for the workers to resume from when
-    Ray hands them none. None when the list is absent or readable, or no checkpoint is complete."""
+def resume_without_ray_list(run_path: str) -> str | None:
+    """The checkpoint to resume from when Ray Train has no usable list of the run's checkpoints (None when it has one,
+    or no checkpoint is complete). Ray rewrites that list in place at every report: a stop mid-write leaves it empty
+    or cut short, and Ray then refuses to start the relaunch; without a list (set aside here by an earlier relaunch,
+    or a stop before the first checkpoint was registered) Ray would start over beside complete checkpoints. A torn
+    list is moved aside and, either way, the newest complete checkpoint is returned, with a warning naming each."""
     name = checkpoint_snapshot_name()
     if name is None:
         return None
     fs, base = storage.filesystem(run_path)
     snapshot = posixpath.join(base, name)
-    if fs.get_file_info(snapshot).type != pafs.FileType.File:
+    if fs.get_file_info(snapshot).type == pafs.FileType.File:
+        if _readable_json(fs, snapshot):
+            return None  # Ray's to read
+        aside = f"{snapshot}.torn-{time.strftime('%Y%m%d-%H%M%S')}"
+        fs.move(snapshot, aside)
+        logger.warning("Ray Train's checkpoint list %s is unreadable (the run was stopped while Ray rewrote it); "
+                       "moved it to %s", storage.join(run_path, name), posixpath.basename(aside))
+    found = _checkpoint_dirs(fs, base)
+    path, _ = _first_complete(fs, found, announce=True)
+    if path is None:
+        if found:
+            logger.warning("no complete checkpoint in %s: the run starts over", run_path)
         return None
-    with fs.open_input_stream(snapshot) as f:
+    logger.warning("Ray Train has no list of this run's checkpoints: resuming from %s, the newest complete one. "
+                   "checkpoint.keep no longer deletes the checkpoints written before it.", posixpath.basename(path))
+    # A local path is made absolute (storage.filesystem): the workers may not share the driver's working directory.
+    return storage.join(run_path, posixpath.basename(path)) if storage.is_uri(run_path) else path
+
+
+def _readable_json(fs: pafs.FileSystem, path: str) -> bool:
+    with fs.open_input_stream(path) as f:
         text = f.read()
     try:
-        if isinstance(json.loads(text), dict):
-            return None
-    except ValueError:  # UnicodeDecodeError and JSONDecodeError both are
-        pass
-    aside = f"{snapshot}.torn-{time.strftime('%Y%m%d-%H%M%S')}"
-    fs.move(snapshot, aside)
-    path, _ = _first_complete(fs, _checkpoint_dirs(fs, base), announce=True)
-    resume = path  # local: made absolute, as the workers may not share the driver's home or working directory
-    if path is not None and storage.is_uri(run_path):
-        resume = storage.join(run_path, posixpath.basename(path))
-    logger.warning("Ray Train's checkpoint list %s is unreadable (%d bytes: the run was stopped while Ray rewrote "
-                   "it); moved it to %s. Resuming from %s. Ray does not track the run's older checkpoints any more: "
-                   "checkpoint.keep no longer deletes them.", storage.join(run_path, name), len(text),
-                   aside.rsplit("/", 1)[-1], resume or "the start (no complete checkpoint)")
-    return resume
+        return isinstance(json.loads(text), dict)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError both are
+        return False
 
 
 def handed_over(resume_from: str | None):
-    """The checkpoint the driver found after setting aside a torn checkpoint list (set_aside_torn_snapshot)."""
+    """The checkpoint the driver found when Ray Train had no usable checkpoint list (resume_without_ray_list)."""
     if resume_from is None:
         return None
     fs, path = storage.filesystem(resume_from)

@@ -58,8 +58,8 @@ class Checkpointer:
         return step % self.every_n_steps == 0 or step >= self.max_steps
 
     def find(self, checkpoint: ray.train.Checkpoint | None, resume_from: str | None = None) -> None:
-        """From Ray's latest checkpoint (ray.train.get_checkpoint()), else the one the driver found after setting aside
-        a torn checkpoint list (`resume_from`, ckpt.set_aside_torn_snapshot), the newest complete one, and whether it
+        """From Ray's latest checkpoint (ray.train.get_checkpoint()), else the one the driver found when Ray had no
+        usable checkpoint list (`resume_from`, ckpt.resume_without_ray_list), the newest complete one, and whether it
         was written by another number of workers (then DeepSpeed must load it as a universal checkpoint)."""
         checkpoint = checkpoint or ckpt.handed_over(resume_from)
         self.checkpoint = ckpt.latest_complete(checkpoint, self.rank == 0) if checkpoint is not None else None

@@ -33,7 +33,7 @@ from raydiff.data.pipeline import PREPROCESS_TASKS, DataSpec, build_datasets, bu
 from raydiff.data.precompute import EncoderSpec, ensure_cache
 from raydiff.train import summary as summ
 from raydiff.train import tracking
-from raydiff.train.checkpoint import set_aside_torn_snapshot
+from raydiff.train.checkpoint import resume_without_ray_list
 from raydiff.train.deepspeed_setup import PRECISION_DTYPES
 from raydiff.train.entry import train_loop_per_worker
 from raydiff.train.metrics_log import read_metrics
@@ -166,7 +166,7 @@ def _ordered():
 
 def build_trainer(cfg: Config, callbacks: list | None = None, resume_from: str | None = None) -> TorchTrainer:
     """A TorchTrainer for one run; `run.name` + `run.storage_path` identify it, so relaunching resumes it.
-    `resume_from`: the checkpoint to start from when Ray hands the workers none (a torn checkpoint list)."""
+    `resume_from`: the checkpoint to start from when Ray hands the workers none (it had no usable list)."""
     spec, manifest, tokenizer_path = run_data(cfg, run_dir(cfg))
     stats_actor = spec.stats_actor
     logger.info("data: %s (%s): %s training rows, %s validation rows, %s read units; %s steps = %.1f epochs",
@@ -270,7 +270,7 @@ def run_training(cfg: Config, callbacks: list | None = None) -> RunOutputs:
         hub.local_pretrained(hub.TINY, parts=())  # imports diffusers into the driver only to build it
     path = prepare_run_dir(cfg)
     logger.info("%s", summ.format_start(cfg, path))
-    resume_from = set_aside_torn_snapshot(path)  # before Ray Train reads it
+    resume_from = resume_without_ray_list(path)  # before Ray Train reads it
     mlflow_run = tracking.start_mlflow_run(cfg)
     try:
         result = build_trainer(cfg, [*(callbacks or []), tracking.RunTracker(cfg, mlflow_run)], resume_from).fit()

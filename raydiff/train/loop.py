@@ -88,7 +88,7 @@ class Worker:
                  resume_from: str | None = None):
         """`data_stats`: the run's data counter actor (raydiff.data.stats); `data`: spec, tokenizer path and source
         manifest (driver.build_trainer); `place`: rank, world and device (default: this Ray Train worker's);
-        `resume_from`: the checkpoint to resume from when Ray hands none (checkpoint.set_aside_torn_snapshot)."""
+        `resume_from`: the checkpoint to resume from when Ray hands none (checkpoint.resume_without_ray_list)."""
         place = place or Place.of_this_worker()
         self.cfg, self.run_dir, self.data_stats, self.data = cfg, run_dir, data_stats, data
         self.rank, self.world, self.device = place.rank, place.world, place.device
