@@ -482,7 +482,7 @@ def table(runs: list[dict], dataset: str) -> str:
     runs = [r for r in runs if r["dataset"] == dataset]
     if not runs:
         return f"(no {dataset} runs yet)"
-    ns = sorted({int(k.split("_n")[1].split("_")[0]) for k in runs[0] if k.startswith("exposure_bias_n")})
+    ns = _sampler_step_counts(runs[0])
     cols = [(f, n) for f in FAMILIES for n in ns if f"{f}_n{n}_lam1" in runs[0]]
     by = {s: [r for r in runs if r["setting"] == s] for s in SETTINGS}
     head = " | ".join(f"{f} n={n}" for f, n in cols)
@@ -503,6 +503,40 @@ def _cell(runs: list[dict], reference: list[dict], key: str, compare: bool) -> s
         ref_mean, ref_sd = _stats([r[key] for r in reference])
         star = "*" if abs(mean - ref_mean) > sd + ref_sd else ""  # nan sds (one seed) never star
     return f"{mean:.4g}{star}" if math.isnan(sd) else f"{mean:.4g} ± {sd:.2g}{star}"
+
+
+HIGHER_IS_BETTER = ("clf_acc",)
+
+
+def paired_table(runs: list[dict], dataset: str) -> str:
+    """Each gamma > 0 setting against gamma=0 *of the same seed* (same initial weights, batches and sampler noise),
+    lambda = 1: the relative difference per seed, and on how many of the (seed, metric) pairs it is worse. Pairing
+    removes the seed-to-seed spread that the mean ± sd table has to clear; with 3 seeds it is still a screen."""
+    runs = [r for r in runs if r["dataset"] == dataset]
+    reference = {r["seed"]: r for r in runs if r["setting"] == REFERENCE}
+    if not runs or not reference:
+        return f"(no {dataset} reference runs yet)"
+    ns, some = _sampler_step_counts(runs[0]), reference[min(reference)]
+    keys = ["val_loss"] + [f"{f}_n{n}_lam1" for f in FAMILIES for n in ns if f"{f}_n{n}_lam1" in some]
+    head = " | ".join(k.replace("_lam1", "").replace("_n", " n=") for k in keys)
+    lines = [f"| {dataset} vs γ = 0, same seed | seeds | {head} | worse |", "|---" * (len(keys) + 3) + "|"]
+    for setting in SETTINGS:
+        paired = sorted((r["seed"], r) for r in runs if r["setting"] == setting and r["seed"] in reference)
+        if setting == REFERENCE or not paired:
+            continue
+        cells, worse = [], 0
+        for key in keys:
+            changes = [r[key] / reference[seed][key] - 1 for seed, r in paired]
+            cells.append(", ".join(f"{100 * c:+.1f}" for c in changes) + " %")
+            sign = -1 if key.startswith(HIGHER_IS_BETTER) else 1
+            worse += sum(sign * c > 0 for c in changes)
+        seeds = ", ".join(str(seed) for seed, _ in paired)
+        lines.append(f"| {setting} | {seeds} | " + " | ".join(cells) + f" | {worse}/{len(keys) * len(paired)} |")
+    return "\n".join(lines)
+
+
+def _sampler_step_counts(run: dict) -> list[int]:
+    return sorted({int(k.split("_n")[1].split("_")[0]) for k in run if k.startswith("exposure_bias_n")})
 
 
 def _stats(values: list[float]) -> tuple[float, float]:
@@ -543,7 +577,7 @@ def report(args) -> str:
         raise SystemExit(f"{args.out}: no finished runs")
     if args.png:
         plot(runs, args.png)
-    text = "\n\n".join(table(runs, d) for d in DATASETS)
+    text = "\n\n".join(t for d in DATASETS for t in (table(runs, d), paired_table(runs, d)))
     print(text)
     return text
 

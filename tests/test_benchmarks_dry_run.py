@@ -251,5 +251,25 @@ def test_ip_effect_table_marks_only_differences_beyond_the_seed_spread():
     assert cells["gamma=0.1 1.005"][0] == ""  # val_loss is unperturbed: one row per setting, not per lambda
 
 
+def test_ip_effect_paired_table_compares_each_seed_with_gamma_0_of_that_seed():
+    ip = _load("ip_effect")
+
+    def run(setting, seed, value, acc):
+        metrics = {f"{f}_n10_lam{lam:g}": value for f in ("exposure_bias", "fd_pixel") for lam in ip.EPS_SCALES}
+        return {"dataset": "digits", "setting": setting, "seed": seed, "steps": 100, "val_loss": value,
+                **metrics, "clf_acc_n10_lam1": acc, "clf_acc_n10_lam1.005": acc}
+
+    # Seed 1's reference is twice seed 0's: only pairing by seed sees gamma=0.1 worse on seed 0, better on seed 1.
+    runs = [run("gamma=0", 0, 1.0, 0.9), run("gamma=0", 1, 2.0, 0.8),
+            run("gamma=0.1", 1, 1.8, 0.88), run("gamma=0.1", 0, 1.1, 0.9)]
+    rows = ip.paired_table(runs, "digits").splitlines()
+    assert rows[0].split(" | ")[2:] == ["val_loss", "exposure_bias n=10", "fd_pixel n=10", "clf_acc n=10", "worse |"]
+    assert len(rows) == 3 and rows[2].startswith("| gamma=0.1 | 0, 1 |")  # gamma=0 is not compared with itself
+    cells = rows[2].split(" | ")[2:]
+    assert cells[:3] == ["+10.0, -10.0 %"] * 3 and cells[3] == "+0.0, +10.0 %"  # accuracy: higher is better
+    assert cells[4] == "3/8 |"  # seed 0 worse on the three lower-is-better metrics; a tie is not worse
+    assert "no digits reference" in ip.paired_table(runs[2:], "digits")
+
+
 def _finite(values) -> bool:
     return all(math.isfinite(v) for v in values)
