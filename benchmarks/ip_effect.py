@@ -516,17 +516,20 @@ def paired_table(runs: list[dict], dataset: str) -> str:
     reference = {r["seed"]: r for r in runs if r["setting"] == REFERENCE}
     if not runs or not reference:
         return f"(no {dataset} reference runs yet)"
-    ns, some = _sampler_step_counts(runs[0]), reference[min(reference)]
-    keys = ["val_loss"] + [f"{f}_n{n}_lam1" for f in FAMILIES for n in ns if f"{f}_n{n}_lam1" in some]
+    some = reference[min(reference)]
+    keys = ["val_loss"] + [f"{f}_n{n}_lam1" for f in FAMILIES for n in _sampler_step_counts(some)
+                           if f"{f}_n{n}_lam1" in some]
     head = " | ".join(k.replace("_lam1", "").replace("_n", " n=") for k in keys)
     lines = [f"| {dataset} vs γ = 0, same seed | seeds | {head} | worse |", "|---" * (len(keys) + 3) + "|"]
     for setting in SETTINGS:
-        paired = sorted((r["seed"], r) for r in runs if r["setting"] == setting and r["seed"] in reference)
+        paired = sorted(((r["seed"], r) for r in runs if r["setting"] == setting and r["seed"] in reference),
+                        key=lambda pair: pair[0])
         if setting == REFERENCE or not paired:
             continue
         cells, worse = [], 0
         for key in keys:
-            changes = [r[key] / reference[seed][key] - 1 for seed, r in paired]
+            # A zero reference (a toy run's accuracy) has no relative change: nan, shown and never counted worse.
+            changes = [r[key] / reference[seed][key] - 1 if reference[seed][key] else math.nan for seed, r in paired]
             cells.append(", ".join(f"{100 * c:+.1f}" for c in changes) + " %")
             sign = -1 if key.startswith(HIGHER_IS_BETTER) else 1
             worse += sum(sign * c > 0 for c in changes)

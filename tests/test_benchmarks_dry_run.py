@@ -269,6 +269,8 @@ def test_ip_effect_paired_table_compares_each_seed_with_gamma_0_of_that_seed():
     assert cells[:3] == ["+10.0, -10.0 %"] * 3 and cells[3] == "+0.0, +10.0 %"  # accuracy: higher is better
     assert cells[4] == "3/8 |"  # seed 0 worse on the three lower-is-better metrics; a tie is not worse
     assert "no digits reference" in ip.paired_table(runs[2:], "digits")
+    runs[0]["clf_acc_n10_lam1"] = 0.0  # a zero reference has no relative change: shown as nan, not counted
+    assert ip.paired_table(runs, "digits").splitlines()[2].split(" | ")[5:7] == ["+nan, +10.0 %", "3/8 |"]
 
 
 def _finite(values) -> bool:
